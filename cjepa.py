@@ -363,7 +363,7 @@ def schedules(step, total, warmup, args):
         lr = args.start_lr + (args.lr - args.start_lr) * step / warmup
     else:
         lr = cosine((step - warmup) / max(1, total - warmup), args.lr, args.final_lr)
-    wd = cosine(step / total, args.wd[1], args.wd[0])  # rises from wd[0] to wd[1]
+    wd = cosine(step / total, args.wd[0], args.wd[1])  # rises from wd[0] to wd[1]
     m = args.ema[0] + (args.ema[1] - args.ema[0]) * step / total
     return lr, wd, m
 
@@ -440,6 +440,13 @@ class SafeImageFolder(datasets.ImageFolder):
 
 def make_dataset(args, split, augment):
     """split 'train' or 'val'; augment: RandomResizedCrop for pretraining, else a center crop."""
+    dataset = load_images(args, split, augment)
+    if args.subset:  # the first N images only: quick checks
+        dataset = torch.utils.data.Subset(dataset, range(min(args.subset, len(dataset))))
+    return dataset
+
+
+def load_images(args, split, augment):
     if args.data is None:
         return DemoImages("train" if split == "train" else "test", augment)
     root = os.path.join(args.data, split)
@@ -626,6 +633,8 @@ def pretrain(args, rank, world, device, autocast):
                 f.write(json.dumps(line) + "\n")
             save_checkpoint(ckpt_path, run, epoch + 1, args)
             tqdm.write(" ".join(f"{k} {v}" for k, v in line.items()))
+        if epoch + 1 == args.stop_after:  # e.g. a cluster job's time limit: --resume continues
+            break
     if world > 1:
         dist.destroy_process_group()
     if master and start < args.epochs:
@@ -846,11 +855,13 @@ def parse_args(argv=None):
     p.add_argument("--probe-epochs", type=int, help="0: no probe")
     p.add_argument("--out", help="run folder: checkpoint.pt, log.jsonl, curves.png, probe.json")
     p.add_argument("--resume", metavar="CKPT", help="continue a run from its checkpoint")
+    p.add_argument("--stop-after", type=int, metavar="EPOCH", help="stop after this epoch; --resume continues")
     p.add_argument("--probe-only", metavar="CKPT", help="only run the linear probe of a checkpoint")
     p.add_argument("--device", help="cuda or cpu (default: cuda if there is one)")
     p.add_argument("--precision", choices=("bf16", "fp16", "fp32"), help="default: bf16 on CUDA, fp32 on CPU")
     p.add_argument("--workers", type=int, help="data-loading processes per GPU")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--subset", type=int, help="use only the first N images of each split (quick checks)")
     p.add_argument("--dist-timeout", type=float, default=10.0, help="minutes a rank waits for a dead peer")
     p.add_argument("--benchmark", action="store_true", help="time training steps on random images")
     args = p.parse_args(argv)

@@ -1,0 +1,313 @@
+"""Tests for cjepa.py: each piece against a simple reference, then the whole training path.
+Run: python -m pytest -q test_cjepa.py   (CPU, a few minutes on 2 cores)"""
+import json
+import math
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from contextlib import nullcontext
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+import cjepa
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+# A tiny model and schedule for the end-to-end tests: 28 px images, 7x7 patch grid.
+TINY = ["--arch", "vit_demo", "--img-size", "28", "--batch-size", "8", "--epochs", "2", "--workers", "0",
+        "--pred-width", "32", "--pred-depth", "1", "--min-keep", "4", "--warmup", "0.5", "--probe-epochs", "0",
+        "--device", "cpu"]
+
+
+def tiny_args(*extra):
+    args = cjepa.parse_args(["--data", "unused"] + TINY + list(extra))
+    args.patch_size = 4
+    return args
+
+
+def write_image_folder(root, n_per_class=12, classes=2, size=36, splits=("train",)):
+    """An ImageFolder of simple patterns: class 0 horizontal stripes, class 1 vertical ones, random phase and colour."""
+    rng = np.random.default_rng(0)
+    for split in splits:
+        for c in range(classes):
+            os.makedirs(os.path.join(root, split, f"class{c}"), exist_ok=True)
+            for i in range(n_per_class):
+                coords = np.arange(size)[:, None] if c == 0 else np.arange(size)[None, :]
+                wave = (np.sin(coords / rng.uniform(1.5, 4) + rng.uniform(0, 6)) > 0).astype(np.float32)
+                img = np.broadcast_to(wave, (size, size))[..., None] * rng.uniform(60, 255, 3)
+                Image.fromarray(img.astype(np.uint8)).save(os.path.join(root, split, f"class{c}", f"{i}.png"))
+    return root
+
+
+def run_main(argv, capsys=None):
+    """cjepa.main(argv) -> (exit code, stderr text)."""
+    try:
+        cjepa.main(argv)
+        code = 0
+    except SystemExit as e:
+        code = e.code
+    err = capsys.readouterr().err if capsys else ""
+    return code, err
+
+
+# ------------------------------------------------------------------------------- 1. the ViT
+def test_sincos_matches_direct_formula():
+    dim, grid = 16, 5
+    table = cjepa.sincos_pos_embed(dim, grid)
+    assert table.shape == (grid * grid, dim)
+    for n in range(grid * grid):
+        row, col = divmod(n, grid)  # raster order
+        for half, pos in ((0, col), (1, row)):  # first half: column, second half: row
+            for i in range(dim // 4):
+                freq = 1 / 10000 ** (2 * i / (dim // 2))
+                assert table[n, half * dim // 2 + i].item() == pytest.approx(math.sin(pos * freq), abs=1e-6)
+                assert table[n, half * dim // 2 + dim // 4 + i].item() == pytest.approx(math.cos(pos * freq), abs=1e-6)
+
+
+def test_fused_attention_matches_explicit():
+    torch.manual_seed(0)
+    attn = cjepa.Attention(32, 4)
+    x = torch.randn(3, 10, 32)
+    fused = attn(x)
+    explicit, weights = attn(x, return_attn=True)
+    torch.testing.assert_close(fused, explicit, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(weights.sum(-1), torch.ones(3, 4, 10))
+    attn.fused = False  # the benchmark's plain path is the explicit one
+    torch.testing.assert_close(attn(x), explicit)
+
+
+def test_encoder_keep_gathers_after_positions():
+    torch.manual_seed(0)
+    enc = cjepa.VisionTransformer(28, 4, 32, 2, 2).eval()
+    images = torch.randn(2, 3, 28, 28)
+    full = enc(images)
+    assert full.shape == (2, 49, 32)
+    every = torch.arange(49).repeat(2, 1)
+    torch.testing.assert_close(enc(images, every), full, atol=1e-5, rtol=1e-5)
+    # a kept patch's token before the blocks = its patch embedding + its own position
+    keep = torch.tensor([[5, 17], [0, 48]])
+    tokens = enc.embed(images, keep)
+    patches = enc.patch_embed(images).flatten(2).transpose(1, 2)
+    torch.testing.assert_close(tokens[1, 1], patches[1, 48] + enc.pos_embed[0, 48])
+    assert set(dict(enc.named_parameters())) >= {"patch_embed.proj.weight", "blocks.0.attn.qkv.bias", "blocks.1.mlp.fc2.weight", "norm.weight"}
+    assert enc.state_dict()["pos_embed"].shape == (1, 49, 32)
+
+
+# ------------------------------------------------------------------------------- 2. the masks
+def rectangle(idx, W):
+    """Patch indices -> (h, w) if they form a filled rectangle, else None."""
+    rows, cols = idx // W, idx % W
+    h, w = int(rows.max() - rows.min() + 1), int(cols.max() - cols.min() + 1)
+    return (h, w) if h * w == len(idx) else None
+
+
+@pytest.mark.parametrize("grid", [4, 7, 14, 32])
+def test_mask_invariants(grid):
+    min_keep = {4: 2, 7: 4}.get(grid, 10)
+    N, seen_last_row = grid * grid, False
+    for seed in range(25):
+        ctx, tgt = cjepa.sample_masks(6, grid, grid, torch.Generator().manual_seed(seed), min_keep=min_keep)
+        assert ctx.shape[0] == 6 and tgt.shape[:2] == (4, 6)  # [B, Kc] and [M, B, Kt]: one length per batch
+        assert ctx.shape[1] >= min_keep and tgt.shape[2] >= min_keep
+        for b in range(6):
+            c = set(ctx[b].tolist())
+            assert len(c) == ctx.shape[1] and max(c) < N
+            for m in range(4):
+                t = tgt[m, b]
+                assert not c & set(t.tolist()), "the context must exclude every target patch"
+                h, w = rectangle(t, grid)  # targets are never truncated: whole blocks
+                assert h < grid and w < grid
+                lo, hi = 0.15 * N, 0.2 * N
+                assert lo / 2 <= h * w <= hi * 2 + 2 * grid  # the scale bounds, allowing for rounding
+                seen_last_row |= int((t // grid).max()) == grid - 1
+    assert seen_last_row, "blocks must be able to start on every valid row"
+
+
+def test_masks_are_reproducible_and_random_subsets():
+    a = cjepa.sample_masks(8, 14, 14, torch.Generator().manual_seed(3))
+    b = cjepa.sample_masks(8, 14, 14, torch.Generator().manual_seed(3))
+    c = cjepa.sample_masks(8, 14, 14, torch.Generator().manual_seed(4))
+    assert all(torch.equal(x, y) for x, y in zip(a, b))
+    assert not torch.equal(a[0], c[0]) if a[0].shape == c[0].shape else True
+    ctx = a[0]
+    assert torch.all(ctx[:, 1:] > ctx[:, :-1]), "kept in raster order, no repeats"
+
+
+def test_mask_sampler_never_hangs_on_4x4_and_rejects_impossible_configs():
+    t0 = time.time()
+    for seed in range(200):
+        ctx, tgt = cjepa.sample_masks(4, 4, 4, torch.Generator().manual_seed(seed), min_keep=2)
+        assert ctx.shape[1] >= 2
+    assert time.time() - t0 < 20
+    with pytest.raises(cjepa.CliError, match="do not fit"):
+        cjepa.check_mask_config(4, 4, 4, (0.15, 0.2), (0.85, 1.0), 10)
+    cjepa.check_mask_config(14, 14, 4, (0.15, 0.2), (0.85, 1.0), 10)  # the published defaults fit
+
+
+# ------------------------------------------------------------------------------- 3. the predictor
+def test_predictor_batched_equals_one_block_at_a_time():
+    torch.manual_seed(0)
+    pred = cjepa.Predictor(7, 32, 16, 2, 2)
+    ctx, tgt = cjepa.sample_masks(3, 7, 7, torch.Generator().manual_seed(0), min_keep=4)
+    z = torch.randn(3, ctx.shape[1], 32)
+    out = pred(z, ctx, tgt)
+    assert out.shape == (4, 3, tgt.shape[2], 32)
+    for m in range(4):
+        torch.testing.assert_close(out[m], pred(z, ctx, tgt[m:m + 1])[0], atol=1e-5, rtol=1e-5)
+    pred.batched = False
+    torch.testing.assert_close(pred(z, ctx, tgt), out, atol=1e-5, rtol=1e-5)
+
+
+# ------------------------------------------------------------------------------- 4-5. losses, EMA
+def test_ema_endpoints():
+    torch.manual_seed(0)
+    online, target = torch.nn.Linear(4, 4), torch.nn.Linear(4, 4)
+    before = [p.clone() for p in target.parameters()]
+    cjepa.ema_update(target, online, 1.0)
+    assert all(torch.equal(p, q) for p, q in zip(target.parameters(), before))
+    cjepa.ema_update(target, online, 0.5)
+    for p, q, o in zip(target.parameters(), before, online.parameters()):
+        torch.testing.assert_close(p, 0.5 * q + 0.5 * o)
+    cjepa.ema_update(target, online, 0.0)
+    assert all(torch.equal(p, o) for p, o in zip(target.parameters(), online.parameters()))
+
+
+def test_variance_covariance_against_naive_loops():
+    torch.manual_seed(0)
+    c = torch.randn(6, 5) * torch.tensor([0.1, 0.5, 1.0, 2.0, 3.0])
+    l_std, l_cov = cjepa.variance_covariance(c)
+    n, D = c.shape
+    mean = [sum(c[i, d].item() for i in range(n)) / n for d in range(D)]
+    cov = [[sum((c[i, a].item() - mean[a]) * (c[i, b].item() - mean[b]) for i in range(n)) / (n - 1)
+            for b in range(D)] for a in range(D)]
+    std_ref = sum(max(0.0, 1 - math.sqrt(cov[d][d] + 1e-4)) for d in range(D)) / D
+    cov_ref = sum(cov[a][b] ** 2 for a in range(D) for b in range(D) if a != b) / D
+    assert l_std.item() == pytest.approx(std_ref, rel=1e-5)
+    assert l_cov.item() == pytest.approx(cov_ref, rel=1e-5)
+
+
+def test_vicreg_zero_is_plain_ijepa():
+    torch.manual_seed(0)
+    args = tiny_args("--vicreg", "0")
+    enc, pred = cjepa.VisionTransformer(28, 4, 32, 2, 2), cjepa.Predictor(7, 32, 16, 1, 2)
+    images = torch.randn(4, 3, 28, 28)
+    ctx, tgt = cjepa.sample_masks(4, 7, 7, torch.Generator().manual_seed(0), min_keep=4)
+    loss, stats = cjepa.cjepa_loss(enc, pred, enc, images, ctx, tgt, args)
+    with torch.no_grad():
+        h = F.layer_norm(enc(images), (32,))
+    ref = torch.stack([F.smooth_l1_loss(pred(enc(images, ctx), ctx, tgt[m:m + 1])[0], h[torch.arange(4)[:, None], tgt[m]])
+                       for m in range(4)]).mean()
+    torch.testing.assert_close(loss, ref, atol=1e-5, rtol=1e-5)
+    args.vicreg = 1.0
+    loss2, stats2 = cjepa.cjepa_loss(enc, pred, enc, images, ctx, tgt, args)
+    expected = stats2["ijepa"] + 25 * stats2["sim"] + 25 * stats2["std"] + stats2["cov"]
+    torch.testing.assert_close(loss2.detach(), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_collapse_monitors_see_dimensional_collapse():
+    torch.manual_seed(0)
+    spread = torch.randn(512, 32)
+    collapsed = torch.randn(512, 2) @ torch.randn(2, 32) * 3  # large std, but only 2 directions
+    std_a, rank_a = cjepa.collapse_monitors(spread)
+    std_b, rank_b = cjepa.collapse_monitors(collapsed)
+    assert std_b > std_a and rank_b < 2.5 < 25 < rank_a
+
+
+# ------------------------------------------------------------------------------- 6. optimisation
+def test_schedule_endpoints():
+    args = tiny_args("--lr", "1e-3", "--start-lr", "1e-4", "--final-lr", "1e-6", "--wd", "0.04", "0.4", "--ema", "0.996", "1.0")
+    total, warmup = 1000, 150
+    lr0, wd0, m0 = cjepa.schedules(0, total, warmup, args)
+    lr1, _, _ = cjepa.schedules(warmup, total, warmup, args)
+    lr2, wd2, m2 = cjepa.schedules(total, total, warmup, args)
+    assert (lr0, wd0, m0) == pytest.approx((1e-4, 0.04, 0.996))
+    assert lr1 == pytest.approx(1e-3)
+    assert (lr2, wd2, m2) == pytest.approx((1e-6, 0.4, 1.0))
+    lrs = [cjepa.schedules(s, total, warmup, args)[0] for s in range(total)]
+    assert max(lrs) == pytest.approx(1e-3) and all(a <= b for a, b in zip(lrs[:warmup], lrs[1:warmup + 1]))
+
+
+def test_weight_decay_only_on_weights():
+    args = tiny_args()
+    enc = cjepa.make_encoder(args)
+    opt = cjepa.make_optimizer([enc], args, torch.device("cpu"))
+    decayed = {id(p) for p in opt.param_groups[0]["params"]}
+    for name, p in enc.named_parameters():
+        assert (id(p) in decayed) == (p.ndim >= 2 and not name.endswith("bias")), name
+
+
+def test_one_training_step_changes_weights():
+    torch.manual_seed(0)
+    args = tiny_args("--vicreg", "0.01")
+    run = cjepa.build_run(args, torch.device("cpu"), nullcontext())
+    before = {k: v.clone() for k, v in run["encoder"].state_dict().items()}
+    target_before = {k: v.clone() for k, v in run["target_encoder"].state_dict().items()}
+    ctx, tgt = cjepa.sample_masks(8, 7, 7, torch.Generator().manual_seed(0), min_keep=4)
+    stats = cjepa.train_step(run, torch.randn(8, 3, 28, 28), ctx, tgt, 1e-3, 0.04, 0.9, args)
+    assert math.isfinite(stats["loss"].item()) and stats["loss"].item() > 0
+    after = run["encoder"].state_dict()
+    assert not torch.equal(before["blocks.0.attn.qkv.weight"], after["blocks.0.attn.qkv.weight"])
+    # the target moved 10% of the way towards the context encoder
+    k = "blocks.0.attn.qkv.weight"
+    torch.testing.assert_close(run["target_encoder"].state_dict()[k], 0.9 * target_before[k] + 0.1 * after[k])
+    assert all(p.grad is None for p in run["target_encoder"].parameters())
+
+
+# ------------------------------------------------------------------------------- 8. the training loop
+def test_short_run_drops_the_loss_and_writes_a_run_folder(tmp_path, capsys):
+    data = write_image_folder(str(tmp_path / "data"), n_per_class=32, splits=("train", "val"))
+    out = str(tmp_path / "run")
+    code, err = run_main(["--data", data, "--out", out, *TINY, "--epochs", "4", "--lr", "2e-3", "--probe-epochs", "20"], capsys)
+    assert code == 0, err
+    log = [json.loads(line) for line in open(os.path.join(out, "log.jsonl"))]
+    assert [line["epoch"] for line in log] == [1, 2, 3, 4]
+    assert log[-1]["ijepa"] < log[0]["ijepa"]
+    assert {"loss", "ijepa", "sim", "std", "cov", "lr", "wd", "momentum", "feat_std", "erank", "img_per_s"} <= set(log[0])
+    ckpt = torch.load(os.path.join(out, "checkpoint.pt"), weights_only=True)
+    assert ckpt["epoch"] == 4 and set(ckpt) >= {"encoder", "predictor", "target_encoder", "opt", "scaler", "args", "probe"}
+    assert ckpt["args"]["arch"] == "vit_demo"
+    assert os.path.getsize(os.path.join(out, "curves.png")) > 1000
+    assert json.load(open(os.path.join(out, "probe.json")))["cjepa_target_encoder"] > 0
+
+
+def test_checkpoint_round_trip(tmp_path):
+    torch.manual_seed(0)
+    args = tiny_args()
+    run = cjepa.build_run(args, torch.device("cpu"), nullcontext())
+    ctx, tgt = cjepa.sample_masks(8, 7, 7, torch.Generator().manual_seed(0), min_keep=4)
+    cjepa.train_step(run, torch.randn(8, 3, 28, 28), ctx, tgt, 1e-3, 0.04, 0.9, args)
+    path = str(tmp_path / "ckpt.pt")
+    cjepa.save_checkpoint(path, run, 3, args)
+    assert not os.path.exists(path + ".tmp")
+    fresh = cjepa.build_run(args, torch.device("cpu"), nullcontext())
+    assert cjepa.resume(fresh, cjepa.load_checkpoint(path, args)) == 3
+    for key in ("encoder", "predictor", "target_encoder"):
+        for (k, a), b in zip(run[key].state_dict().items(), fresh[key].state_dict().values()):
+            assert torch.equal(a, b), k
+    assert fresh["opt"].state_dict()["state"][0]["step"] == run["opt"].state_dict()["state"][0]["step"]
+
+
+def test_resume_ends_with_the_same_weights(tmp_path, capsys):
+    data = write_image_folder(str(tmp_path / "data"))
+    whole = str(tmp_path / "whole")
+    assert run_main(["--data", data, "--out", whole, *TINY, "--epochs", "3"], capsys)[0] == 0
+    a = torch.load(os.path.join(whole, "checkpoint.pt"), weights_only=True)
+    # interrupted: a 3-epoch run stops after epoch 1, then resumes from its checkpoint
+    first = str(tmp_path / "first")
+    assert run_main(["--data", data, "--out", first, *TINY, "--epochs", "3", "--stop-after", "1"], capsys)[0] == 0
+    assert torch.load(os.path.join(first, "checkpoint.pt"), weights_only=True)["epoch"] == 1
+    assert run_main(["--data", data, "--out", first, *TINY, "--epochs", "3", "--resume", os.path.join(first, "checkpoint.pt")], capsys)[0] == 0
+    b = torch.load(os.path.join(first, "checkpoint.pt"), weights_only=True)
+    assert b["epoch"] == 3
+    for key in ("encoder", "predictor", "target_encoder"):
+        for k in a[key]:
+            torch.testing.assert_close(a[key][k], b[key][k], atol=1e-6, rtol=1e-5, msg=f"{key}.{k}")
+    assert a["opt"]["state"][0]["step"] == b["opt"]["state"][0]["step"]
+    assert len(open(os.path.join(first, "log.jsonl")).readlines()) == 3
