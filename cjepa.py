@@ -296,11 +296,24 @@ def make_predictor(args):
 # =============================================================================================
 # 4. The I-JEPA loss and the EMA target encoder  /  5. The VICReg term
 # =============================================================================================
+class GatherBatch(torch.autograd.Function):
+    """[B, D] on each rank -> [world*B, D], the global batch, with gradients back to each rank's part."""
+
+    @staticmethod
+    def forward(ctx, x):
+        parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
+        dist.all_gather(parts, x.contiguous())
+        return torch.cat(parts)
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.contiguous()
+        dist.all_reduce(grad)  # every rank's loss depends on this rank's part: sum their gradients
+        return grad.chunk(dist.get_world_size())[dist.get_rank()]
+
+
 def gather_batch(x):
-    """[B, D] on each rank -> [world*B, D], the global batch; gradients flow back to each rank's part."""
-    if not (dist.is_available() and dist.is_initialized()):
-        return x
-    return torch.cat(torch.distributed.nn.functional.all_gather(x), dim=0)
+    return GatherBatch.apply(x) if dist.is_available() and dist.is_initialized() else x
 
 
 def variance_covariance(c):
@@ -617,9 +630,9 @@ def pretrain(args, rank, world, device, autocast):
     run = build_run(args, device, autocast)
     start = resume(run, load_checkpoint(args.resume, args)) if args.resume else 0
     if world > 1:  # the target encoder is not wrapped: it gets no gradients
-        ddp = dict(device_ids=[device.index] if device.type == "cuda" else None, broadcast_buffers=False)
-        run["encoder"] = nn.parallel.DistributedDataParallel(run["encoder"], **ddp)
-        run["predictor"] = nn.parallel.DistributedDataParallel(run["predictor"], **ddp)
+        ids = [device.index] if device.type == "cuda" else None
+        run["encoder"] = nn.parallel.DistributedDataParallel(run["encoder"], device_ids=ids)
+        run["predictor"] = nn.parallel.DistributedDataParallel(run["predictor"], device_ids=ids)
     ckpt_path = os.path.join(args.out, "checkpoint.pt")
     if master:
         os.makedirs(args.out, exist_ok=True)

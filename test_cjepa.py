@@ -311,3 +311,75 @@ def test_resume_ends_with_the_same_weights(tmp_path, capsys):
             torch.testing.assert_close(a[key][k], b[key][k], atol=1e-6, rtol=1e-5, msg=f"{key}.{k}")
     assert a["opt"]["state"][0]["step"] == b["opt"]["state"][0]["step"]
     assert len(open(os.path.join(first, "log.jsonl")).readlines()) == 3
+
+
+# ------------------------------------------------------------------------------- 7. DDP
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def ddp_batch():
+    torch.manual_seed(1)
+    images = torch.randn(8, 3, 28, 28)
+    ctx, tgt = cjepa.sample_masks(8, 7, 7, torch.Generator().manual_seed(1), min_keep=4)
+    return images, ctx, tgt
+
+
+def one_step(rank, world):
+    """One training step on this rank's share of a fixed global batch of 8; returns the updated weights."""
+    args = tiny_args("--vicreg", "1.0", "--clip", "1.0")  # a large VICReg weight: the gathered statistics matter
+    torch.manual_seed(0)
+    run = cjepa.build_run(args, torch.device("cpu"), nullcontext())
+    # SGD, so the weights' change is the gradient (Adam's first step is ~lr * sign(grad): it would
+    # magnify rounding noise in near-zero gradients)
+    run["opt"] = torch.optim.SGD([dict(params=g["params"]) for g in run["opt"].param_groups], lr=0.1)
+    if world > 1:
+        for key in ("encoder", "predictor"):
+            run[key] = torch.nn.parallel.DistributedDataParallel(run[key])
+    images, ctx, tgt = ddp_batch()
+    share = slice(rank * 8 // world, (rank + 1) * 8 // world)
+    cjepa.train_step(run, images[share], ctx[share], tgt[:, share], 0.1, 0.04, 0.99, args)
+    return {key: cjepa.unwrap(run[key]).state_dict() for key in ("encoder", "predictor", "target_encoder")}
+
+
+def ddp_worker(rank, world, port, out):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
+    weights = one_step(rank, world)
+    if rank == 0:
+        torch.save(weights, out)
+    torch.distributed.destroy_process_group()
+
+
+def test_ddp_step_equals_one_process_on_the_global_batch(tmp_path):
+    out = str(tmp_path / "ddp.pt")
+    torch.multiprocessing.spawn(ddp_worker, args=(2, free_port(), out), nprocs=2)
+    ddp, single = torch.load(out, weights_only=True), one_step(0, 1)
+    for key in single:
+        for k in single[key]:
+            torch.testing.assert_close(ddp[key][k], single[key][k], atol=2e-6, rtol=1e-4, msg=f"{key}.{k}")
+    torch.manual_seed(0)
+    initial = cjepa.make_encoder(tiny_args()).state_dict()["blocks.0.attn.qkv.weight"]
+    assert (single["encoder"]["blocks.0.attn.qkv.weight"] - initial).abs().max() > 1e-4  # a real update
+
+
+def torchrun(*argv, timeout=240):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", os.path.join(HERE, "cjepa.py"), *argv]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env={**os.environ, "OMP_NUM_THREADS": "1"})
+
+
+def test_torchrun_two_processes_train_checkpoint_resume_and_probe(tmp_path):
+    data = write_image_folder(str(tmp_path / "data"), splits=("train", "val"))
+    out = str(tmp_path / "run")
+    args = ["--data", data, "--out", out, *TINY, "--batch-size", "4", "--epochs", "2"]
+    r = torchrun(*args, "--stop-after", "1")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert torch.load(os.path.join(out, "checkpoint.pt"), weights_only=True)["epoch"] == 1
+    r = torchrun(*args, "--resume", os.path.join(out, "checkpoint.pt"), "--probe-epochs", "5")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "2 process(es)" in r.stdout and "cjepa_target_encoder" in r.stdout
+    log = [json.loads(line) for line in open(os.path.join(out, "log.jsonl"))]
+    assert [line["epoch"] for line in log] == [1, 2]  # only rank 0 writes
+    assert torch.load(os.path.join(out, "checkpoint.pt"), weights_only=True)["epoch"] == 2
