@@ -383,3 +383,138 @@ def test_torchrun_two_processes_train_checkpoint_resume_and_probe(tmp_path):
     log = [json.loads(line) for line in open(os.path.join(out, "log.jsonl"))]
     assert [line["epoch"] for line in log] == [1, 2]  # only rank 0 writes
     assert torch.load(os.path.join(out, "checkpoint.pt"), weights_only=True)["epoch"] == 2
+
+
+# ------------------------------------------------------------------------------- bad input, crashes
+def assert_one_line_error(code, err, *fragments):
+    assert code == 2, err
+    lines = [line for line in err.replace("\r", "\n").splitlines() if "error:" in line]  # (tqdm bars share stderr)
+    assert "Traceback" not in err and len(lines) == 1 and lines[0].startswith("cjepa.py: error: "), err
+    for fragment in fragments:
+        assert fragment in lines[0], err
+
+
+def test_clear_errors_for_bad_input(tmp_path, capsys):
+    empty = tmp_path / "empty"
+    (empty / "train").mkdir(parents=True)
+    data = write_image_folder(str(tmp_path / "data"))
+    out = ["--out", str(tmp_path / "run")]
+    assert_one_line_error(*run_main(["--data", str(tmp_path / "nope"), *TINY, *out], capsys), "no such folder")
+    assert_one_line_error(*run_main(["--data", str(tmp_path), *TINY, *out], capsys), "has no train/ folder")
+    assert_one_line_error(*run_main(["--data", str(empty), *TINY, *out], capsys), "class folder")
+    assert_one_line_error(*run_main(["--data", data, *TINY, *out, "--img-size", "30"], capsys), "not a multiple of the patch size 4")
+    assert_one_line_error(*run_main(["--data", data, *TINY, *out, "--min-keep", "20"], capsys), "do not fit a 7x7")
+    assert_one_line_error(*run_main(["--data", data, *TINY, *out, "--precision", "bf16"], capsys), "needs CUDA")
+    if not torch.cuda.is_available():
+        assert_one_line_error(*run_main(["--data", data, *TINY, *out, "--device", "cuda"], capsys), "no CUDA device")
+    assert_one_line_error(*run_main(["--data", data, *TINY, *out, "--batch-size", "64"], capsys), "fewer than one global batch")
+    assert_one_line_error(*run_main(["--data", data, *TINY, *out, "--batch-size", "1"], capsys), "at least 2")
+    not_ckpt = tmp_path / "notes.txt"
+    not_ckpt.write_text("hello")
+    assert_one_line_error(*run_main(["--data", data, *TINY, *out, "--resume", str(not_ckpt)], capsys), "is not a checkpoint")
+    torch.save({"weights": torch.zeros(3)}, tmp_path / "other.pt")
+    assert_one_line_error(*run_main(["--data", data, *TINY, *out, "--resume", str(tmp_path / "other.pt")], capsys), "not a C-JEPA checkpoint")
+    assert_one_line_error(*run_main(["--data", data, *TINY, *out, "--resume", str(tmp_path / "missing.pt")], capsys), "no such checkpoint")
+
+
+def test_resume_of_another_architecture_names_the_mismatch(tmp_path, capsys):
+    data = write_image_folder(str(tmp_path / "data"))
+    out = str(tmp_path / "run")
+    assert run_main(["--data", data, "--out", out, *TINY, "--epochs", "1"], capsys)[0] == 0
+    ckpt = os.path.join(out, "checkpoint.pt")
+    code, err = run_main(["--data", data, "--out", out, *TINY, "--arch", "vit_t16", "--patch-size", "4", "--resume", ckpt], capsys)
+    assert_one_line_error(code, err, "another architecture", "arch vit_demo vs vit_t16")
+
+
+def test_nan_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(tmp_path, capsys, monkeypatch):
+    data = write_image_folder(str(tmp_path / "data"))
+    out = str(tmp_path / "run")
+    real_loss, calls = cjepa.cjepa_loss, []
+
+    def loss_that_explodes(*a, **k):  # 3 steps per epoch: the 5th call is epoch 2, step 2
+        loss, stats = real_loss(*a, **k)
+        calls.append(1)
+        return (loss * float("nan") if len(calls) == 5 else loss), stats
+
+    monkeypatch.setattr(cjepa, "cjepa_loss", loss_that_explodes)
+    code, err = run_main(["--data", data, "--out", out, *TINY, "--epochs", "3"], capsys)
+    assert_one_line_error(code, err, "nan", "epoch 2, step 2", os.path.join(out, "checkpoint.pt"))
+    ckpt = torch.load(os.path.join(out, "checkpoint.pt"), weights_only=True)
+    assert ckpt["epoch"] == 1
+    assert all(torch.isfinite(v).all() for key in ("encoder", "target_encoder") for v in ckpt[key].values())
+
+
+def test_corrupt_image_is_skipped_with_a_warning(tmp_path, capsys):
+    data = write_image_folder(str(tmp_path / "data"))
+    bad = os.path.join(data, "train", "class0", "broken.jpg")
+    with open(bad, "wb") as f:
+        f.write(b"\xff\xd8\xff\xe0 this is not really a jpeg")
+    code, err = run_main(["--data", data, "--out", str(tmp_path / "run"), *TINY, "--epochs", "1"], capsys)
+    assert code == 0, err
+    assert "warning: skipping unreadable image" in err and bad in err
+
+
+KILL_WHILE_SAVING = """
+import sys, torch, cjepa
+cjepa.atomic_save({"x": torch.zeros(10)}, sys.argv[1])
+print("saved", flush=True)
+cjepa.atomic_save({"x": torch.ones(150_000_000)}, sys.argv[1])  # 600 MB: killed while writing
+"""
+
+
+def test_checkpoint_survives_sigkill_during_write(tmp_path):
+    path = str(tmp_path / "checkpoint.pt")
+    proc = subprocess.Popen([sys.executable, "-c", KILL_WHILE_SAVING, path], cwd=HERE, stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "saved"
+    deadline = time.time() + 60
+    while not (os.path.exists(path + ".tmp") and os.path.getsize(path + ".tmp") > 0) and time.time() < deadline:
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    assert torch.equal(torch.load(path, weights_only=True)["x"], torch.zeros(10))  # the previous one, intact
+
+
+def test_ddp_exits_when_a_rank_dies(tmp_path):
+    data = write_image_folder(str(tmp_path / "data"))
+    out = str(tmp_path / "run")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", os.path.join(HERE, "cjepa.py"),
+           "--data", data, "--out", out, *TINY, "--batch-size", "2", "--epochs", "1000"]
+    torchrun_proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    try:
+        deadline = time.time() + 120
+        while not os.path.exists(os.path.join(out, "log.jsonl")) and time.time() < deadline:
+            time.sleep(0.2)
+        assert os.path.exists(os.path.join(out, "log.jsonl")), "training did not start"
+        workers = subprocess.run(["pgrep", "-P", str(torchrun_proc.pid)], capture_output=True, text=True).stdout.split()
+        assert len(workers) == 2
+        os.kill(int(workers[1]), signal.SIGKILL)
+        t0 = time.time()
+        assert torchrun_proc.wait(timeout=90) != 0
+        assert time.time() - t0 < 90
+        time.sleep(1)
+        assert subprocess.run(["pgrep", "-P", str(torchrun_proc.pid)], capture_output=True).returncode != 0
+    finally:
+        torchrun_proc.kill()
+
+
+# ------------------------------------------------------------------------------- demo and benchmark
+def test_short_demo_learns_from_the_shipped_images(tmp_path, capsys):
+    out = str(tmp_path / "demo")
+    code, err = run_main(["--out", out, "--subset", "1500", "--epochs", "2", "--probe-epochs", "10"], capsys)
+    assert code == 0, err
+    probe = json.load(open(os.path.join(out, "probe.json")))
+    assert set(probe) == {"cjepa_target_encoder", "random_init_encoder", "raw_pixels"}
+    assert probe["cjepa_target_encoder"] > 40  # chance is 10%
+    assert os.path.getsize(os.path.join(out, "curves.png")) > 1000
+    assert json.loads(open(os.path.join(out, "log.jsonl")).readline())["epoch"] == 1
+
+
+def test_benchmark_prints_its_table(capsys):
+    cjepa.main(["--benchmark", "--arch", "vit_demo", "--img-size", "28", "--batch-size", "8", "--device", "cpu",
+                "--pred-width", "32", "--pred-depth", "1", "--min-keep", "4", "--workers", "0"])
+    out = capsys.readouterr().out
+    for row in ("| fast ", "| plain", "speed-up", "data pipeline"):
+        assert row in out, out
+    fast = [line for line in out.splitlines() if line.startswith("| fast")][0].split("|")
+    assert float(fast[2]) > 0 and float(fast[5]) > 0  # images/s and GFLOP/image
