@@ -294,8 +294,38 @@ def make_predictor(args):
 
 
 # =============================================================================================
-# 4. The I-JEPA loss and the EMA target encoder  /  5. The VICReg term
+# 4. Targets and the EMA target encoder
 # =============================================================================================
+# The target encoder is a copy of the context encoder that gets no gradients. After every optimizer
+# step it moves a little towards the context encoder. Predicting its slowly moving outputs (with an
+# asymmetric predictor in between) is what keeps plain I-JEPA from collapsing to a constant.
+
+
+@torch.no_grad()
+def ema_update(target, online, m):
+    """target <- m * target + (1 - m) * online, over all parameters in one fused foreach call."""
+    torch._foreach_lerp_(list(target.parameters()), list(online.parameters()), 1.0 - m)
+
+
+# =============================================================================================
+# 5. The VICReg term, and the C-JEPA loss
+# =============================================================================================
+# C-JEPA adds VICReg's variance and covariance terms on the context encoder's features (averaged
+# over each image's context patches), and its invariance term between the predicted and the target
+# means. The statistics span the global batch: under DDP every rank's features are gathered.
+
+
+def variance_covariance(c):
+    """VICReg's variance and covariance terms of c [n, D], in fp32."""
+    n, D = c.shape
+    c = c - c.mean(dim=0)
+    std = torch.sqrt(c.var(dim=0) + 1e-4)
+    l_std = F.relu(1 - std).mean()  # hinge: every feature should vary across the batch
+    cov = (c.T @ c) / (n - 1)  # [D, D]
+    l_cov = (cov.pow(2).sum() - cov.diagonal().pow(2).sum()) / D  # features should be decorrelated
+    return l_std, l_cov
+
+
 class GatherBatch(torch.autograd.Function):
     """[B, D] on each rank -> [world*B, D], the global batch, with gradients back to each rank's part."""
 
@@ -316,17 +346,6 @@ def gather_batch(x):
     return GatherBatch.apply(x) if dist.is_available() and dist.is_initialized() else x
 
 
-def variance_covariance(c):
-    """VICReg's variance and covariance terms of c [n, D], in fp32."""
-    n, D = c.shape
-    c = c - c.mean(dim=0)
-    std = torch.sqrt(c.var(dim=0) + 1e-4)
-    l_std = F.relu(1 - std).mean()  # hinge: every feature should vary across the batch
-    cov = (c.T @ c) / (n - 1)  # [D, D]
-    l_cov = (cov.pow(2).sum() - cov.diagonal().pow(2).sum()) / D  # features should be decorrelated
-    return l_std, l_cov
-
-
 def cjepa_loss(encoder, predictor, target_encoder, images, ctx_idx, tgt_idx, args):
     """L = L_ijepa + beta_vicreg * (beta_sim * L_sim + beta_std * L_std + beta_cov * L_cov).
     Returns the loss and a dict of detached statistics for the log."""
@@ -336,21 +355,14 @@ def cjepa_loss(encoder, predictor, target_encoder, images, ctx_idx, tgt_idx, arg
         t = gather_tokens(h, tgt_idx)  # [M, B, Kt, D]: the target blocks
     z = encoder(images, ctx_idx)  # [B, Kc, D]: the context encoder sees the context block only
     p = predictor(z, ctx_idx, tgt_idx)  # [M, B, Kt, D]
-    l_ijepa = F.smooth_l1_loss(p, t)  # beta 1, mean over blocks, patches and features
-
-    # 5. VICReg, as we read the paper (no official code): statistics in fp32 over the global batch.
+    l_ijepa = F.smooth_l1_loss(p, t)  # the I-JEPA loss: beta 1, mean over blocks, patches and features
+    # VICReg, as we read the paper (no official code was released), with fp32 statistics
     c = gather_batch(z.float().mean(dim=1))  # [B_global, D]: mean context feature per image
     l_std, l_cov = variance_covariance(c)  # against total and dimensional collapse
     l_sim = F.mse_loss(p.float().mean(dim=(0, 2)), t.float().mean(dim=(0, 2)))  # get the mean of the targets right
     loss = l_ijepa + args.vicreg * (args.beta_sim * l_sim + args.beta_std * l_std + args.beta_cov * l_cov)
     stats = dict(loss=loss, ijepa=l_ijepa, sim=l_sim, std=l_std, cov=l_cov)
     return loss, {k: v.detach().float() for k, v in stats.items()} | {"pooled": h.mean(dim=1).float()}
-
-
-@torch.no_grad()
-def ema_update(target, online, m):
-    """target <- m * target + (1 - m) * online, over all parameters in one fused foreach call."""
-    torch._foreach_lerp_(list(target.parameters()), list(online.parameters()), 1.0 - m)
 
 
 def collapse_monitors(pooled):
