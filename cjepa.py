@@ -555,14 +555,19 @@ def atomic_save(obj, path):
     os.replace(tmp, path)  # atomic on POSIX: readers see the old file or the new one, never half of one
 
 
-def load_checkpoint(path, args=None):
-    """Load one of our checkpoints (weights_only: no code runs); with args, check the architecture matches."""
+def read_checkpoint(path):
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        return torch.load(path, map_location="cpu", weights_only=True)  # weights_only: no code runs
     except FileNotFoundError:
         raise CliError(f"{path}: no such checkpoint") from None
-    except Exception as e:
-        raise CliError(f"{path} is not a checkpoint ({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
+    except Exception as e:  # (an empty file raises EOFError with no message)
+        first = (str(e).strip().splitlines() or [""])[0][:200]
+        raise CliError(f"{path} is not a checkpoint ({type(e).__name__}{': ' * bool(first)}{first})") from None
+
+
+def load_checkpoint(path, args=None):
+    """Load one of our checkpoints; with args, check that its architecture is the same."""
+    ckpt = read_checkpoint(path)
     if not isinstance(ckpt, dict) or not isinstance(ckpt.get("args"), dict) or "target_encoder" not in ckpt:
         raise CliError(f"{path} is not a C-JEPA checkpoint of this project (no 'target_encoder' and 'args' entries)")
     saved = ckpt["args"]
@@ -715,7 +720,7 @@ def train_linear_head(train, val, epochs, device, seed=0):
     head = nn.Sequential(nn.BatchNorm1d(x.shape[1], affine=False), nn.Linear(x.shape[1], n_classes)).to(device)
     nn.init.normal_(head[1].weight, std=0.01)
     nn.init.zeros_(head[1].bias)
-    opt = torch.optim.AdamW(head.parameters(), lr=1e-3, weight_decay=0.05)
+    opt = torch.optim.AdamW(head.parameters(), lr=1e-2, weight_decay=0.05)
     lr_decay = torch.optim.lr_scheduler.CosineAnnealingLR(opt, epochs * math.ceil(len(x) / 256))
     for _ in range(epochs):
         for idx in torch.randperm(len(x), device=device).split(256):
@@ -845,7 +850,7 @@ PRETRAIN = dict(arch="vit_b16", img_size=224, epochs=600, batch_size=128, lr=1e-
                 n_targets=4, target_scale=(0.15, 0.2), context_scale=(0.85, 1.0), min_keep=10, clip=0.0,
                 probe_blocks=1, probe_epochs=100, workers=8, out="runs/pretrain")
 # The demo (no --data): Fashion-MNIST at 28 px, a 7x7 patch grid. Chosen by measurement (README, "The demo").
-DEMO = dict(arch="vit_demo", img_size=28, epochs=8, batch_size=64, lr=1e-3, start_lr=1e-4, final_lr=1e-6,
+DEMO = dict(arch="vit_demo", img_size=28, epochs=6, batch_size=64, lr=1e-3, start_lr=1e-4, final_lr=1e-6,
             warmup=0.3, wd=(0.04, 0.04), ema=(0.99, 1.0), vicreg=0.01, pred_width=64, pred_depth=3,
             n_targets=4, target_scale=(0.15, 0.2), context_scale=(0.85, 1.0), min_keep=4, clip=1.0,
             probe_blocks=4, probe_epochs=30, workers=0, out="runs/demo")

@@ -3,6 +3,7 @@ Run: python -m pytest -q test_cjepa.py   (CPU, a few minutes on 2 cores)"""
 import json
 import math
 import os
+import runpy
 import shutil
 import signal
 import socket
@@ -18,6 +19,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 import cjepa
+import visualize
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 # A tiny model and schedule for the end-to-end tests: 28 px images, 7x7 patch grid.
@@ -412,6 +414,8 @@ def test_clear_errors_for_bad_input(tmp_path, capsys):
     not_ckpt = tmp_path / "notes.txt"
     not_ckpt.write_text("hello")
     assert_one_line_error(*run_main(["--data", data, *TINY, *out, "--resume", str(not_ckpt)], capsys), "is not a checkpoint")
+    (tmp_path / "empty.pt").write_bytes(b"")
+    assert_one_line_error(*run_main(["--data", data, *TINY, *out, "--resume", str(tmp_path / "empty.pt")], capsys), "is not a checkpoint")
     torch.save({"weights": torch.zeros(3)}, tmp_path / "other.pt")
     assert_one_line_error(*run_main(["--data", data, *TINY, *out, "--resume", str(tmp_path / "other.pt")], capsys), "not a C-JEPA checkpoint")
     assert_one_line_error(*run_main(["--data", data, *TINY, *out, "--resume", str(tmp_path / "missing.pt")], capsys), "no such checkpoint")
@@ -518,3 +522,162 @@ def test_benchmark_prints_its_table(capsys):
         assert row in out, out
     fast = [line for line in out.splitlines() if line.startswith("| fast")][0].split("|")
     assert float(fast[2]) > 0 and float(fast[5]) > 0  # images/s and GFLOP/image
+
+
+# ------------------------------------------------------------------------------- visualize.py
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def run_visualize(argv, capsys):
+    """visualize.main(argv) -> (exit code, stdout, stderr)."""
+    try:
+        visualize.main(argv)
+        code = 0
+    except SystemExit as e:
+        code = e.code
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def png_size(path):
+    with open(path, "rb") as f:
+        assert f.read(8) == PNG_MAGIC, f"{path} is not a PNG"
+    with Image.open(path) as im:
+        return im.size
+
+
+def official_checkpoint(path, img_size=32):
+    """An official-format I-JEPA checkpoint of a vit_t16: 'module.' keys, no 'args'."""
+    torch.manual_seed(0)
+    with torch.device("meta"):  # the shapes, without the slow random init
+        shapes = {k: v.shape for k, v in cjepa.VisionTransformer(img_size, 16, 192, 12, 3).state_dict().items()}
+    states = [{f"module.{k}": 0.02 * torch.randn(shape) for k, shape in shapes.items()} for _ in range(2)]
+    torch.save(dict(encoder=states[0], target_encoder=states[1], predictor={}, opt={}, epoch=1, lr=1e-3), path)
+    return states
+
+
+def test_attention_rows_sum_to_one_and_received_maps_follow_the_grid():
+    torch.manual_seed(0)
+    layer = cjepa.Attention(32, 4)
+    tokens = torch.randn(2, 10, 32)
+    explicit, _ = layer(tokens, return_attn=True)
+    torch.testing.assert_close(explicit, layer(tokens), atol=1e-5, rtol=1e-5)  # explicit path == fused path
+
+    encoder = cjepa.VisionTransformer(28, 4, 32, 2, 2).eval()
+    x = torch.randn(3, 3, 28, 28)
+    with torch.no_grad():
+        attn = encoder.last_attention(x)
+    assert attn.shape == (3, 2, 49, 49)
+    torch.testing.assert_close(attn.sum(dim=-1), torch.ones(3, 2, 49))  # each query's weights sum to 1
+    maps = visualize.received_attention(encoder, x)
+    per_head = visualize.received_attention(encoder, x, per_head=True)
+    assert maps.shape == (3, 1, 28, 28) and per_head.shape == (3, 2, 28, 28)
+    torch.testing.assert_close(maps.mean(dim=(1, 2, 3)), torch.ones(3))  # units of uniform: the mean is 1
+    torch.testing.assert_close(per_head.mean(dim=1, keepdim=True), maps)
+    received = attn.mean(dim=2).mean(dim=1) * 49  # [B, N]: by hand
+    for b, row, col in ((0, 0, 6), (1, 5, 2), (2, 3, 3)):  # patch (row, col) covers pixels 4*row.., 4*col..
+        assert maps[b, 0, 4 * row + 2, 4 * col + 1].item() == pytest.approx(received[b, 7 * row + col].item(), rel=1e-5)
+
+
+def ours_checkpoint(path):
+    """A checkpoint in our format, with the demo's full args (28 px, patch 4, data None)."""
+    args = cjepa.parse_args([])
+    args.patch_size = 4
+    torch.manual_seed(0)
+    encoder, target = cjepa.make_encoder(args), cjepa.make_encoder(args)
+    torch.save(dict(encoder=encoder.state_dict(), target_encoder=target.state_dict(), predictor={}, epoch=1,
+                    args=vars(args)), path)
+    return encoder, target
+
+
+def test_writes_a_png_for_our_checkpoint(tmp_path, capsys):
+    ckpt = str(tmp_path / "checkpoint.pt")
+    encoder, target = ours_checkpoint(ckpt)
+    loaded_target, loaded_context, cfg = visualize.load_encoders(ckpt)
+    for a, b in ((loaded_target, target), (loaded_context, encoder)):  # each encoder got its own weights
+        for (k, v), w in zip(a.state_dict().items(), b.state_dict().values()):
+            assert torch.equal(v, w), k
+    assert cfg.demo and cfg.masks["min_keep"] == 4 and cfg.img_size // cfg.patch_size == 7
+    # a demo-set image goes through prepare() exactly as the demo set normalises it
+    data = cjepa.DemoImages("test", augment=False)
+    shown, x = visualize.prepare(Image.fromarray(data.x[5].numpy()), cfg)
+    torch.testing.assert_close(x, data[5][0])
+    assert shown.shape == (28, 28, 3) and 0 <= shown.min() and shown.max() <= 1
+
+    # default: 4 demo images + the photograph, attention.png next to the checkpoint
+    code, out, err = run_visualize([ckpt], capsys)
+    assert code == 0, err
+    png = str(tmp_path / "attention.png")
+    assert out.strip() == png
+    width, height = png_size(png)
+    assert height > width > 300  # 5 rows, 3 columns
+    with Image.open(png) as im:
+        assert np.asarray(im.convert("L")).std() > 20  # not blank
+
+    # --masks --heads on image files from a folder: 2 rows; 1 + 1 + 2 x 4 heads columns
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 255, (40, 60, 3), dtype=np.uint8)).save(folder / "a.png")
+    Image.fromarray(rng.integers(0, 255, (50, 30, 3), dtype=np.uint8)).save(folder / "b.jpg")
+    (folder / "notes.txt").write_text("not an image")  # skipped: not an image extension
+    heads = str(tmp_path / "heads.png")
+    code, out, err = run_visualize([ckpt, str(folder), "--masks", "--heads", "--out", heads], capsys)
+    assert code == 0, err
+    assert out.strip() == heads
+    width, height = png_size(heads)
+    assert width > 3 * height  # 10 columns, 2 rows
+
+
+def test_writes_a_png_for_an_official_checkpoint(tmp_path, capsys):
+    ckpt = str(tmp_path / "IN1K-vit.t.16.pth.tar")
+    states = official_checkpoint(ckpt)
+    target, context, cfg = visualize.load_encoders(ckpt, "vit_t16", 32)
+    assert not cfg.demo and cfg.masks["min_keep"] == 10  # ImageNet-style; the published mask settings
+    for model, state in ((context, states[0]), (target, states[1])):
+        assert torch.equal(model.blocks[11].attn.qkv.weight, state["module.blocks.11.attn.qkv.weight"])
+    out_png = str(tmp_path / "official.png")
+    code, out, err = run_visualize([ckpt, "--arch", "vit_t16", "--img-size", "32", "--out", out_png], capsys)
+    assert code == 0, err
+    assert out.strip() == out_png
+    width, height = png_size(out_png)
+    assert height > width
+
+
+def test_one_line_errors_with_exit_code_2(tmp_path, capsys):
+    ckpt = str(tmp_path / "official.pth.tar")
+    official_checkpoint(ckpt)
+    text = tmp_path / "notes.txt"
+    text.write_text("hello\n")
+    torch.save([1, 2, 3], str(tmp_path / "list.pt"))
+    ours = str(tmp_path / "ours.pt")
+    ours_checkpoint(ours)
+    cases = [
+        ([ckpt, "--arch", "vit_s16", "--img-size", "32"], "--arch vit_t16 --img-size 32"),  # another architecture
+        ([ckpt, "--arch", "vit_t16", "--img-size", "64"], "pos_embed"),  # another image size
+        ([ckpt, "--img-size", "32"], "--arch vit_t16"),  # official format, no --arch
+        ([ckpt, "--arch", "vit_t16", "--img-size", "32", "--masks"], "--masks"),  # a 2x2 grid: masks can't fit
+        ([str(text)], "is not a checkpoint"),
+        ([str(tmp_path / "list.pt")], "not an I-JEPA or C-JEPA checkpoint"),
+        ([str(tmp_path / "missing.pt")], "no such checkpoint"),
+        ([ours, str(text)], "not a readable image"),
+        ([ours, str(tmp_path / "nope.jpg")], "no such image"),
+    ]
+    for argv, expected in cases:
+        code, out, err = run_visualize(argv + ["--out", str(tmp_path / "x.png")], capsys)
+        assert code == 2, (argv, err)
+        assert err.startswith("visualize.py: error: ") and err.count("\n") == 1, err
+        assert expected in err, err
+    assert not os.path.exists(tmp_path / "x.png")
+
+
+def test_script_entry_point(tmp_path, monkeypatch, capsys):
+    """`python visualize.py FILE` runs main() (in-process via runpy: no second torch import)."""
+    text = tmp_path / "notes.txt"
+    text.write_text("hello\n")
+    monkeypatch.setattr(sys, "argv", ["visualize.py", str(text)])
+    with pytest.raises(SystemExit) as e:
+        runpy.run_path(os.path.join(HERE, "visualize.py"), run_name="__main__")
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("visualize.py: error: ") and err.count("\n") == 1, err

@@ -1,0 +1,245 @@
+"""
+visualize.py: where a C-JEPA checkpoint's encoders look, target encoder beside context encoder.
+
+One row per image: the image, then the last block's attention in the target encoder and in the context
+encoder, as in the C-JEPA paper's figures. The ViT has no class token, so a map shows the attention that
+each patch *receives*: the attention weights averaged over the queries (and over the heads, unless
+--heads), upsampled to the image. Colour is in units of "uniform": 1 means the patch gets 1/N of the
+attention, as if every patch were attended alike; 2 means twice that.
+
+Usage:
+    python visualize.py runs/demo/checkpoint.pt                  # 4 demo-set images and a photograph
+    python visualize.py runs/demo/checkpoint.pt --masks --heads  # + a sampled mask, one panel per head
+    python visualize.py ckpt.pt photos/ cat.jpg --out cat.png    # your own images (files or folders)
+    python visualize.py IN1K-vit.h.14-300e.pth.tar --arch vit_h14  # an official I-JEPA checkpoint
+"""
+import argparse
+import math
+import os
+import sys
+
+import matplotlib
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+import torch
+import torch.nn.functional as F
+from matplotlib import cbook
+from PIL import Image
+from torchvision import transforms as T
+
+import cjepa
+from cjepa import CliError
+
+EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp")
+DEMO_MEAN, DEMO_STD = 0.2867, 0.3540  # the demo set's, as in cjepa.DemoImages
+FASHION = ("T-shirt", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag", "ankle boot")
+
+
+# ---- the checkpoint: ours (with 'args') or the official I-JEPA format ('module.' keys, no 'args') ----------
+def read_checkpoint(path):
+    ckpt = cjepa.read_checkpoint(path)
+    if not isinstance(ckpt, dict) or not all(isinstance(ckpt.get(k), dict) for k in ("encoder", "target_encoder")):
+        raise CliError(f"{path} is not an I-JEPA or C-JEPA checkpoint (no 'encoder' and 'target_encoder' state dicts)")
+    return ckpt
+
+
+def guess_arch(state):
+    """The --arch and --img-size that a state dict fits, read off its shapes; '' if no preset fits."""
+    try:
+        width, _, patch, _ = state["patch_embed.proj.weight"].shape
+        depth = len({k.split(".")[1] for k in state if k.startswith("blocks.")})
+        grid = math.isqrt(state["pos_embed"].shape[1])
+    except (KeyError, ValueError, IndexError, AttributeError):
+        return ""
+    for name, (w, d, _, p) in cjepa.ARCHS.items():
+        if (w, d, p) == (width, depth, patch):
+            return f"; the weights look like {name} at {grid * p} px (--arch {name} --img-size {grid * p})"
+    return ""
+
+
+def mismatches(model, state):
+    """What keeps `state` from loading into `model` with strict=True: wrong shapes, then missing and unexpected keys."""
+    want = model.state_dict()
+    return ([f"{k} is {list(state[k].shape)} in the checkpoint, {list(v.shape)} in the model"
+             for k, v in want.items() if k in state and state[k].shape != v.shape]
+            + [f"missing {k}" for k in want if k not in state] + [f"unexpected {k}" for k in state if k not in want])
+
+
+def load_encoders(path, arch=None, img_size=224):
+    """-> (target encoder, context encoder, settings: arch, img_size, patch_size, demo, masks, epoch)."""
+    ckpt = read_checkpoint(path)
+    states = {key: {k.removeprefix("module."): v for k, v in ckpt[key].items()}  # official keys: 'module.blocks...'
+              for key in ("target_encoder", "encoder")}
+    if isinstance(ckpt.get("args"), dict):  # ours: the checkpoint names its architecture and its mask settings
+        cfg = argparse.Namespace(**ckpt["args"])
+        cfg.demo = ckpt["args"].get("data") is None  # the demo set: grey 28 px images
+        cfg.masks = cjepa.mask_config(cfg)
+    elif arch is None:
+        raise CliError(f"{path} has no 'args' (an official I-JEPA checkpoint?): name its architecture with --arch"
+                       + guess_arch(states["target_encoder"]))
+    else:  # the official format: the user names the architecture; the masks are the published ones
+        cfg = argparse.Namespace(arch=arch, img_size=img_size, patch_size=None, demo=False,
+                                 masks=cjepa.mask_config(argparse.Namespace(**cjepa.PRETRAIN)))
+    cfg.epoch = ckpt.get("epoch")
+    if cfg.arch not in cjepa.ARCHS:
+        raise CliError(f"{path}: unknown architecture {cfg.arch!r} (known: {', '.join(cjepa.ARCHS)})")
+    cfg.patch_size = cfg.patch_size or cjepa.ARCHS[cfg.arch][3]
+    if cfg.img_size % cfg.patch_size:
+        raise CliError(f"--img-size {cfg.img_size} is not a multiple of the patch size {cfg.patch_size}")
+    encoders = []
+    for key, state in states.items():
+        with torch.device("meta"):  # shapes only: no memory, no slow random init; every weight comes from the file
+            model = cjepa.make_encoder(cfg)
+        problems = mismatches(model, state)
+        if problems:
+            raise CliError(f"{path}: the {key} weights do not fit {cfg.arch} at {cfg.img_size} px: {problems[0]} "
+                           f"({len(problems)} mismatch{'es' * (len(problems) > 1)}){guess_arch(state)}")
+        model.load_state_dict({k: v.float() for k, v in state.items()}, assign=True)  # strict: each has its place
+        encoders.append(model.eval())
+    return encoders[0], encoders[1], cfg
+
+
+# ---- the images ---------------------------------------------------------------------------------------
+def demo_images(n=4):
+    """n test images of different classes from the built-in demo set, and matplotlib's sample photograph."""
+    data = cjepa.DemoImages("test", augment=False)
+    first = {}  # class -> index of its first image
+    for i, y in enumerate(data.y.tolist()):
+        first.setdefault(y, i)
+        if len(first) == n:
+            break
+    images = [(f"{FASHION[y]} (test #{i})", Image.fromarray(data.x[i].numpy())) for y, i in first.items()]
+    with cbook.get_sample_data("grace_hopper.jpg") as f:
+        images.append(("grace_hopper.jpg", Image.open(f).convert("RGB")))
+    return images
+
+
+def image_files(paths):
+    """Files and folders (their .jpg/.jpeg/.png/.bmp files) -> [(name, PIL image)]."""
+    files = []
+    for p in paths:
+        if os.path.isdir(p):
+            found = sorted(os.path.join(p, f) for f in os.listdir(p) if f.lower().endswith(EXTENSIONS))
+            if not found:
+                raise CliError(f"{p}: no {'/'.join(EXTENSIONS)} images in this folder")
+            files += found
+        elif os.path.isfile(p):
+            files.append(p)
+        else:
+            raise CliError(f"{p}: no such image or folder")
+    images = []
+    for f in files:
+        try:
+            with Image.open(f) as im:
+                images.append((os.path.basename(f), im.convert("RGB")))
+        except (OSError, ValueError, SyntaxError) as e:  # what PIL raises on files it cannot read
+            raise CliError(f"{f}: not a readable image ({e})") from None
+    return images
+
+
+def prepare(image, cfg):
+    """PIL image -> (what to show [H, W, 3] in 0..1, the model's input [3, H, W]): resized and center-cropped to
+    the model's size; grey with the demo set's statistics for a demo model, else RGB with ImageNet's."""
+    resize = T.Compose([T.Resize(cfg.img_size), T.CenterCrop(cfg.img_size), T.ToTensor()])
+    shown = resize(image.convert("L" if cfg.demo else "RGB")).expand(3, -1, -1)
+    mean, std = ((DEMO_MEAN,) * 3, (DEMO_STD,) * 3) if cfg.demo else (cjepa.IMAGENET_MEAN, cjepa.IMAGENET_STD)
+    return shown.permute(1, 2, 0), T.Normalize(mean, std)(shown)
+
+
+# ---- the maps and the figure --------------------------------------------------------------------------
+@torch.no_grad()
+def received_attention(encoder, x, per_head=False, mode="nearest"):
+    """x [B, 3, H, W] -> [B, heads or 1, H, W]: the attention each patch receives in the last block, averaged
+    over the queries (and the heads), in units of uniform (x N), upsampled from the patch grid to the image."""
+    attn = encoder.last_attention(x)  # [B, heads, N queries, N keys]; each query's row sums to 1
+    received = attn.mean(dim=2)  # [B, heads, N]: each key's column, averaged over the queries; sums to 1
+    if not per_head:
+        received = received.mean(dim=1, keepdim=True)
+    maps = received.unflatten(2, (encoder.grid, encoder.grid)) * received.shape[-1]
+    return F.interpolate(maps, size=x.shape[-2:], mode=mode)
+
+
+def mask_overlay(cfg, gen):
+    """One sampled mask as an RGBA [grid, grid, 4]: context patches blue, each target block its own colour."""
+    grid = cfg.img_size // cfg.patch_size
+    try:
+        cjepa.check_mask_config(grid, grid, **cfg.masks)  # a one-line error, not a fallback, where masks can't fit
+    except CliError as e:
+        raise CliError(f"--masks: {e}") from None
+    ctx, tgt = cjepa.sample_masks(1, grid, grid, gen, **cfg.masks)  # [1, Kc], [M, 1, Kt]
+    rgba = torch.zeros(grid * grid, 4)
+    rgba[ctx[0]] = torch.tensor(plt.cm.tab10(0), dtype=torch.float)
+    for m, idx in enumerate(tgt[:, 0]):
+        rgba[idx] = torch.tensor(plt.cm.tab10(1 + m % 9), dtype=torch.float)
+    rgba[:, 3] *= 0.6
+    return rgba.view(grid, grid, 4).numpy()
+
+
+def plot(images, target, context, cfg, args):
+    """The figure: one row per image; columns image, [masks], target encoder map(s), context encoder map(s)."""
+    shown, x = zip(*(prepare(im, cfg) for _, im in images))
+    maps = torch.cat([received_attention(enc, torch.stack(x), args.heads, args.interp) for enc in (target, context)],
+                     dim=1)  # [images, 2 or 2 x heads, H, W]
+    heads = range(maps.shape[1] // 2) if args.heads else [None]
+    titles = ["image"] + ["sampled masks"] * args.masks + [f"{name} encoder" + ("" if i is None else f"\nhead {i}")
+                                                         for name in ("target", "context") for i in heads]
+    fig, axes = plt.subplots(len(images), len(titles), figsize=(2.2 * len(titles) + 0.6, 2.3 * len(images) + 0.5),
+                             squeeze=False, layout="constrained")
+    gen = torch.Generator().manual_seed(args.seed)
+    for r, (name, _) in enumerate(images):
+        for ax in axes[r]:
+            ax.imshow(shown[r].numpy())
+            ax.set(xticks=[], yticks=[])
+        if args.masks:
+            axes[r, 1].imshow(mask_overlay(cfg, gen), extent=(-0.5, cfg.img_size - 0.5, cfg.img_size - 0.5, -0.5))
+        for ax, m in zip(axes[r, 1 + args.masks:], maps[r]):  # one colour scale per row: target and context alike
+            im = ax.imshow(m.numpy(), cmap="inferno", alpha=0.65, vmin=0, vmax=maps[r].max().item())
+        axes[r, 0].set_ylabel(name, fontsize=9)
+        fig.colorbar(im, ax=axes[r, 1 + args.masks:].tolist(), shrink=0.85, aspect=15).ax.tick_params(labelsize=7)
+    for ax, title in zip(axes[0], titles):
+        ax.set_title(title)
+    epoch = "" if cfg.epoch is None else f", epoch {cfg.epoch}"
+    heads = "" if args.heads else ", mean of the heads"
+    masks = "; masks: blue = context, other colours = target blocks" if args.masks else ""
+    fig.suptitle(f"{os.path.basename(args.checkpoint)} ({cfg.arch}, {cfg.img_size} px{epoch}): the attention each patch "
+                 f"receives in the last block{heads}\ncolour: \u00d7 uniform (1 = all patches alike){masks}", fontsize=10)
+    return fig
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(prog="visualize.py", description="Attention maps of a C-JEPA or I-JEPA checkpoint: "
+                                "the target encoder beside the context encoder.")
+    p.add_argument("checkpoint", help="our checkpoint.pt, or an official I-JEPA checkpoint (then give --arch)")
+    p.add_argument("images", nargs="*", help="image files or folders (default: 4 demo-set images and a photograph)")
+    p.add_argument("--arch", choices=cjepa.ARCHS, help="official I-JEPA checkpoints only (ours record their own)")
+    p.add_argument("--img-size", type=int, default=224, help="official I-JEPA checkpoints only (default 224)")
+    p.add_argument("--heads", action="store_true", help="one panel per head instead of their mean")
+    p.add_argument("--masks", action="store_true", help="add a column: one sampled context block and target blocks")
+    p.add_argument("--interp", choices=("nearest", "bilinear"), default="nearest", help="how the patch grid is upsampled")
+    p.add_argument("--seed", type=int, default=0, help="of the sampled masks")
+    p.add_argument("--out", help="the PNG to write (default: attention.png next to the checkpoint)")
+    return p.parse_args(argv)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    try:
+        target, context, cfg = load_encoders(args.checkpoint, args.arch, args.img_size)
+        images = image_files(args.images) if args.images else demo_images()
+        out = args.out or os.path.join(os.path.dirname(os.path.abspath(args.checkpoint)), "attention.png")
+        fig = plot(images, target, context, cfg, args)
+        try:
+            fig.savefig(out, dpi=100)
+        except OSError as e:
+            raise CliError(f"cannot write {out}: {e.strerror or e}") from None
+        finally:
+            plt.close(fig)
+    except CliError as e:
+        print(f"visualize.py: error: {e}", file=sys.stderr)
+        sys.exit(2)
+    print(out)
+    return out
+
+
+if __name__ == "__main__":
+    main()
