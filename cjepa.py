@@ -656,20 +656,20 @@ def pretrain(args, rank, world, device, autocast):
         n_params = sum(p.numel() for p in unwrap(run["encoder"]).parameters()) / 1e6
         print(f"C-JEPA {args.arch} ({n_params:.1f}M params), {len(train_set)} images, {world} process(es) on {device}, "
               f"{args.precision}, epochs {start + 1}-{args.epochs}, run folder {args.out}")
-    for epoch in range(start, args.epochs):
+    epoch = start
+    while epoch < min(args.epochs, args.stop_after or args.epochs):  # --stop-after: e.g. a job's time limit
         line = train_epoch(run, loader, epoch, args, device, rank, world)
-        if master:
+        epoch += 1
+        if master:  # the checkpoint first: a crash in between must not log an epoch that resume will redo
+            save_checkpoint(ckpt_path, run, epoch, args)
             with open(os.path.join(args.out, "log.jsonl"), "a") as f:
                 f.write(json.dumps(line) + "\n")
-            save_checkpoint(ckpt_path, run, epoch + 1, args)
-            tqdm.write(" ".join(f"{k} {v}" for k, v in line.items()))
-        if epoch + 1 == args.stop_after:  # e.g. a cluster job's time limit: --resume continues
-            break
+            tqdm.write(" ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in line.items()))
     if world > 1:
         dist.destroy_process_group()
-    if master and start < args.epochs:
+    if master and epoch > start:
         plot_curves(args.out)
-    if master and args.probe_epochs > 0:
+    if master and epoch == args.epochs and args.probe_epochs > 0:
         run_probe(run["target_encoder"], args, device, autocast, ckpt_path)
     return run
 
@@ -905,10 +905,11 @@ def parse_args(argv=None):
 def main(argv=None):
     args = parse_args(argv)
     try:
-        if args.probe_only:  # the architecture comes from the checkpoint
+        if args.probe_only:  # the architecture, and by default the data, come from the checkpoint
             ckpt = load_checkpoint(args.probe_only)
-            for key in ARCH_KEYS:
+            for key in ARCH_KEYS + ("probe_blocks",):
                 setattr(args, key, ckpt["args"][key])
+            args.data = args.data or ckpt["args"].get("data")
         rank, world, device, autocast = setup(args)
         torch.manual_seed(args.seed + rank)
         if args.benchmark:
