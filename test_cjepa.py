@@ -85,6 +85,15 @@ def test_fused_attention_matches_explicit():
     torch.testing.assert_close(attn(x), explicit)
 
 
+def test_block_with_last_equals_the_full_block_sliced():
+    torch.manual_seed(0)
+    block = cjepa.Block(32, 4)
+    x = torch.randn(3, 12, 32)
+    torch.testing.assert_close(block(x, last=5), block(x)[:, -5:], atol=1e-5, rtol=1e-5)
+    block.attn.fused = False
+    torch.testing.assert_close(block(x, last=5), block(x)[:, -5:], atol=1e-5, rtol=1e-5)
+
+
 def test_encoder_keep_gathers_after_positions():
     torch.manual_seed(0)
     enc = cjepa.VisionTransformer(28, 4, 32, 2, 2).eval()
@@ -163,7 +172,7 @@ def test_predictor_batched_equals_one_block_at_a_time():
     assert out.shape == (4, 3, tgt.shape[2], 32)
     for m in range(4):
         torch.testing.assert_close(out[m], pred(z, ctx, tgt[m:m + 1])[0], atol=1e-5, rtol=1e-5)
-    pred.batched = False
+    pred.fast = False  # the plain path: one block at a time, every token through every block
     torch.testing.assert_close(pred(z, ctx, tgt), out, atol=1e-5, rtol=1e-5)
 
 
