@@ -146,9 +146,16 @@ def test_masks_are_reproducible_and_random_subsets():
     b = cjepa.sample_masks(8, 14, 14, torch.Generator().manual_seed(3))
     c = cjepa.sample_masks(8, 14, 14, torch.Generator().manual_seed(4))
     assert all(torch.equal(x, y) for x, y in zip(a, b))
-    assert not torch.equal(a[0], c[0]) if a[0].shape == c[0].shape else True
+    assert a[0].shape != c[0].shape or not torch.equal(a[0], c[0])
     ctx = a[0]
     assert torch.all(ctx[:, 1:] > ctx[:, :-1]), "kept in raster order, no repeats"
+    # truncation to the common length keeps a random subset, not the lowest raster indices
+    mask = torch.zeros(2, 49, dtype=torch.bool)
+    mask[0], mask[1, :10] = True, True
+    kept = [cjepa.random_subset(mask, torch.Generator().manual_seed(s)) for s in range(20)]
+    assert all(k.shape == (2, 10) for k in kept)
+    assert all(torch.equal(k[1], torch.arange(10)) for k in kept)
+    assert len({tuple(k[0].tolist()) for k in kept}) == 20 and max(k[0].max() for k in kept) > 40
 
 
 def test_mask_sampler_never_hangs_on_4x4_and_rejects_impossible_configs():
