@@ -805,6 +805,8 @@ def benchmark(args, device, autocast):
         with FlopCounterMode(display=False) as counter:  # this first step also warms up
             train_step(runs[path], images, *masks[0], args.lr, args.wd[0], args.ema[0], args)
         flops[path], seconds[path], memory[path] = counter.get_total_flops(), 0.0, 0.0
+        if path == "fast":
+            predictor_share = sum(counter.get_flop_counts().get("Predictor", {}).values()) / flops[path]
     for ctx_idx, tgt_idx in masks[1:]:
         for path, run in runs.items():
             if cuda:
@@ -826,7 +828,8 @@ def benchmark(args, device, autocast):
         mfu = f"{100 * flops[path] / seconds[path] / peak:4.1f}%" if peak else "  -  "
         print(f"| {path:<5} | {B / seconds[path]:8.1f} | {1000 * seconds[path]:7.1f} | {memory[path]:14.0f} "
               f"| {flops[path] / B / 1e9:11.2f} | {mfu} |")
-    print(f"fast path speed-up over the plain path: {seconds['plain'] / seconds['fast']:.2f}x")
+    print(f"fast path speed-up over the plain path: {seconds['plain'] / seconds['fast']:.2f}x; "
+          f"the predictor does {100 * predictor_share:.0f}% of the fast path's FLOPs")
     benchmark_data(args)
     return {path: B / seconds[path] for path in runs}
 
