@@ -24,7 +24,9 @@ Usage:
     python cjepa.py --benchmark --arch vit_b16            # speed and memory of one training step
     python cjepa.py --probe-only runs/demo/checkpoint.pt  # linear probe of a checkpoint
 
-The demo, on 2 CPU cores: see README.md ("The demo") for the measured time and accuracy.
+The demo, on 2 CPU cores, no GPU: 6 epochs on 10,000 Fashion-MNIST images in about 3.5 minutes,
+then a linear probe of the target encoder: 79.9% top-1 (3 seeds), against 66.7% for the same
+encoder randomly initialised and 60.7% for plain I-JEPA (--vicreg 0). README.md has the details.
 """
 import argparse
 import copy
@@ -862,7 +864,7 @@ def benchmark_data(args, batches=10):
 PRETRAIN = dict(arch="vit_b16", img_size=224, epochs=600, batch_size=128, lr=1e-3, start_lr=1e-4, final_lr=1e-6,
                 warmup=15.0, wd=(0.04, 0.4), ema=(0.996, 1.0), vicreg=0.001, pred_width=384, pred_depth=6,
                 n_targets=4, target_scale=(0.15, 0.2), context_scale=(0.85, 1.0), min_keep=10, clip=0.0,
-                probe_blocks=1, probe_epochs=20, workers=8, out="runs/pretrain")
+                probe_blocks=1, probe_epochs=20, workers=min(8, os.cpu_count() or 1), out="runs/pretrain")
 # The demo (no --data): Fashion-MNIST at 28 px, a 7x7 patch grid. Chosen by measurement (README, "The demo").
 DEMO = dict(arch="vit_demo", img_size=28, epochs=6, batch_size=64, lr=1e-3, start_lr=1e-4, final_lr=1e-6,
             warmup=0.3, wd=(0.04, 0.04), ema=(0.99, 1.0), vicreg=0.01, pred_width=64, pred_depth=3,
