@@ -326,11 +326,12 @@ def ema_update(target, online, m):
 def variance_covariance(c):
     """VICReg's variance and covariance terms of c [n, D], in fp32."""
     n, D = c.shape
-    c = c - c.mean(dim=0)
-    std = torch.sqrt(c.var(dim=0) + 1e-4)
-    l_std = F.relu(1 - std).mean()  # hinge: every feature should vary across the batch
-    cov = (c.T @ c) / (n - 1)  # [D, D]
-    l_cov = (cov.pow(2).sum() - cov.diagonal().pow(2).sum()) / D  # features should be decorrelated
+    with torch.autocast(c.device.type, enabled=False):  # autocast would run c.T @ c in bf16
+        c = c.float() - c.float().mean(dim=0)
+        std = torch.sqrt(c.var(dim=0) + 1e-4)
+        l_std = F.relu(1 - std).mean()  # hinge: every feature should vary across the batch
+        cov = (c.T @ c) / (n - 1)  # [D, D]
+        l_cov = (cov.pow(2).sum() - cov.diagonal().pow(2).sum()) / D  # features should be decorrelated
     return l_std, l_cov
 
 
@@ -347,6 +348,7 @@ class GatherBatch(torch.autograd.Function):
     def backward(ctx, grad):
         grad = grad.contiguous()
         dist.all_reduce(grad)  # every rank's loss depends on this rank's part: sum their gradients
+        # (DDP then averages the parameter gradients over ranks: the sum / world is the global gradient)
         return grad.chunk(dist.get_world_size())[dist.get_rank()]
 
 
@@ -420,7 +422,7 @@ def train_step(run, images, ctx_idx, tgt_idx, lr, wd, m, args):
     opt.param_groups[0]["weight_decay"] = wd
     with run["autocast"]:
         loss, stats = cjepa_loss(run["encoder"], run["predictor"], run["target_encoder"], images, ctx_idx, tgt_idx, args)
-    if not torch.isfinite(loss):  # stop before a NaN reaches the weights
+    if not torch.isfinite(loss):  # stop before a NaN reaches the weights (costs one host sync a step)
         raise FloatingPointError(f"the loss is {loss.item()}")
     scaler.scale(loss).backward()
     if args.clip > 0:
@@ -467,7 +469,7 @@ class SafeImageFolder(datasets.ImageFolder):
                 return super().__getitem__(j % len(self))
             except (OSError, ValueError, SyntaxError) as e:  # what PIL raises on corrupt files
                 print(f"warning: skipping unreadable image {self.samples[j % len(self)][0]} ({e})", file=sys.stderr)
-                self.samples[j % len(self)] = self.samples[(j + 1) % len(self)]  # never read it again
+                self.samples[j % len(self)] = self.samples[(j + 1) % len(self)]  # not again in this worker
         raise CliError(f"no readable image in {self.root}")
 
 
@@ -502,6 +504,8 @@ def load_images(args, split, augment):
 # 8. Training loop
 # =============================================================================================
 ARCH_KEYS = ("arch", "img_size", "patch_size", "pred_width", "pred_depth")  # what must match on --resume
+TRAIN_KEYS = ("data", "epochs", "batch_size", "lr", "start_lr", "final_lr", "warmup", "wd", "ema", "vicreg", "beta_sim",
+              "beta_std", "beta_cov", "n_targets", "target_scale", "context_scale", "min_keep", "clip", "seed")  # warned about
 
 
 def setup(args):
@@ -517,12 +521,24 @@ def setup(args):
     args.patch_size = args.patch_size or ARCHS[args.arch][3]
     if args.img_size % args.patch_size:
         raise CliError(f"--img-size {args.img_size} is not a multiple of the patch size {args.patch_size}")
-    grid = args.img_size // args.patch_size
-    check_mask_config(grid, grid, args.n_targets, args.target_scale, args.context_scale, args.min_keep)
+    width, depth, heads, _ = ARCHS[args.arch]
+    problems = {f"--pred-width {args.pred_width} must be a multiple of 4 and of the {heads} heads":
+                args.pred_width % 4 or args.pred_width % heads,
+                f"--probe-blocks {args.probe_blocks} must be between 1 and the depth {depth}": not 1 <= args.probe_blocks <= depth,
+                "--pred-depth and --n-targets must be at least 1": args.pred_depth < 1 or args.n_targets < 1,
+                f"--batch-size {args.batch_size} (per process) must be at least 2": args.batch_size < 2,  # VICReg's variance
+                "--workers must be 0 or more": args.workers < 0}
+    for message, bad in problems.items():
+        if bad:
+            raise CliError(message)
+    if not args.probe_only:
+        grid = args.img_size // args.patch_size
+        check_mask_config(grid, grid, args.n_targets, args.target_scale, args.context_scale, args.min_keep)
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-    if args.batch_size < 2:  # VICReg's variance needs two images; DDP needs one per process
-        raise CliError(f"--batch-size {args.batch_size} (per process) must be at least 2")
-    device = torch.device(args.device)
+    try:
+        device = torch.device(args.device)
+    except RuntimeError:
+        raise CliError(f"--device {args.device}: expected cpu, cuda or cuda:N") from None
     if "RANK" in os.environ:  # launched by torchrun; multi-node works the same (env:// rendezvous)
         if cuda:
             device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
@@ -583,6 +599,10 @@ def load_checkpoint(path, args=None):
         diff = [f"{k} {saved.get(k)} vs {getattr(args, k)}" for k in ARCH_KEYS if saved.get(k) != getattr(args, k)]
         if diff:
             raise CliError(f"{path} is of another architecture (checkpoint vs now): {', '.join(diff)}")
+        same = lambda a, b: list(a) == list(b) if isinstance(a, (list, tuple)) else a == b
+        changed = [f"{k} {saved.get(k)} -> {getattr(args, k)}" for k in TRAIN_KEYS if not same(saved.get(k), getattr(args, k))]
+        if changed and int(os.environ.get("RANK", 0)) == 0:
+            print(f"warning: resuming with other settings than the checkpoint's: {', '.join(changed)}", file=sys.stderr)
     return ckpt
 
 
@@ -592,7 +612,8 @@ def resume(run, ckpt):
     unwrap(run["predictor"]).load_state_dict(ckpt["predictor"])
     run["target_encoder"].load_state_dict(ckpt["target_encoder"])
     run["opt"].load_state_dict(ckpt["opt"])
-    run["scaler"].load_state_dict(ckpt["scaler"])
+    if ckpt["scaler"]:  # empty unless the run used fp16
+        run["scaler"].load_state_dict(ckpt["scaler"])
     return ckpt["epoch"]
 
 
@@ -629,7 +650,7 @@ def train_epoch(run, loader, epoch, args, device, rank, world):
         if len(pooled) * len(p) < 2048:  # enough pooled target features for the collapse monitors
             pooled.append(p)
         names = list(stats)
-        sums = sums + torch.stack([stats[k] for k in names])  # stays on the device: no sync per step
+        sums = sums + torch.stack([stats[k] for k in names])  # summed on the device
         if i % 10 == 0:
             bar.set_postfix(loss=f"{stats['loss'].item():.4f}", lr=f"{lr:.1e}")
     means = sums / iters
@@ -673,7 +694,7 @@ def pretrain(args, rank, world, device, autocast):
             with open(os.path.join(args.out, "log.jsonl"), "a") as f:
                 f.write(json.dumps(line) + "\n")
             tqdm.write(" ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in line.items()))
-    if world > 1:
+    if dist.is_initialized():
         dist.destroy_process_group()
     if master and epoch > start:
         plot_curves(args.out)
@@ -780,7 +801,7 @@ def run_probe(target_encoder, args, device, autocast, ckpt_path):
 # =============================================================================================
 # 10. Benchmark and main
 # =============================================================================================
-PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}  # dense tensor-core peaks, for MFU
+PEAK_BF16_FLOPS = {"H100 PCIe": 756e12, "H100": 989e12, "H200": 989e12, "A100": 312e12}  # dense peaks, for MFU
 
 
 def benchmark(args, device, autocast):
@@ -824,7 +845,7 @@ def benchmark(args, device, autocast):
         import resource
         memory = dict.fromkeys(runs, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
     print(f"benchmark: {args.arch}, {args.img_size} px, batch {B}, predictor {args.pred_width} x {args.pred_depth}, "
-          f"{args.precision}, {name}, {steps} steps per path")
+          f"{args.precision}, {name}, {steps} steps per path (both paths' models stay in memory)")
     print("| path  | images/s | ms/step | peak memory MB | GFLOP/image | MFU   |\n|-------|----------|---------|----------------|-------------|-------|")
     for path in runs:
         mfu = f"{100 * flops[path] / seconds[path] / peak:4.1f}%" if peak else "  -  "
@@ -911,8 +932,12 @@ def parse_args(argv=None):
     p.add_argument("--dist-timeout", type=float, default=10.0, help="minutes a rank waits for a dead peer")
     p.add_argument("--benchmark", action="store_true", help="time training steps on random images")
     args = p.parse_args(argv)
-    defaults = DEMO if args.data is None and not args.benchmark else PRETRAIN
-    for key, value in defaults.items():
+    return args if args.probe_only else with_defaults(args)  # --probe-only: once the checkpoint is read
+
+
+def with_defaults(args):
+    """Fill every option not given with the demo's defaults (no --data) or the published ones."""
+    for key, value in (DEMO if args.data is None and not args.benchmark else PRETRAIN).items():
         if getattr(args, key) is None:
             setattr(args, key, value)
     return args
@@ -921,13 +946,15 @@ def parse_args(argv=None):
 def main(argv=None):
     args = parse_args(argv)
     try:
-        if args.probe_only:  # the architecture, and by default the data, come from the checkpoint
+        if args.probe_only:  # the architecture, and by default the data and features, come from the checkpoint
             ckpt = load_checkpoint(args.probe_only)
-            for key in ARCH_KEYS + ("probe_blocks",):
+            for key in ARCH_KEYS:
                 setattr(args, key, ckpt["args"][key])
             args.data = args.data or ckpt["args"].get("data")
+            args.probe_blocks = args.probe_blocks or ckpt["args"]["probe_blocks"]
+            with_defaults(args)
         rank, world, device, autocast = setup(args)
-        torch.manual_seed(args.seed + rank)
+        torch.manual_seed(args.seed)  # the same initial weights on every rank (the target encoder is not broadcast)
         if args.benchmark:
             return benchmark(args, device, autocast)
         if args.probe_only:

@@ -432,6 +432,10 @@ def test_clear_errors_for_bad_input(tmp_path, capsys):
         assert_one_line_error(*run_main(["--data", data, *TINY, *out, "--device", "cuda"], capsys), "no CUDA device")
     assert_one_line_error(*run_main(["--data", data, *TINY, *out, "--batch-size", "64"], capsys), "fewer than one global batch")
     assert_one_line_error(*run_main(["--data", data, *TINY, *out, "--batch-size", "1"], capsys), "at least 2")
+    assert_one_line_error(*run_main(["--data", data, *TINY, *out, "--pred-width", "30"], capsys), "multiple of 4")
+    assert_one_line_error(*run_main(["--data", data, *TINY, *out, "--probe-blocks", "5"], capsys), "between 1 and the depth 4")
+    assert_one_line_error(*run_main(["--data", data, *TINY, *out, "--n-targets", "0"], capsys), "at least 1")
+    assert_one_line_error(*run_main(["--data", data, *TINY, *out, "--device", "tpu"], capsys), "expected cpu")
     not_ckpt = tmp_path / "notes.txt"
     not_ckpt.write_text("hello")
     assert_one_line_error(*run_main(["--data", data, *TINY, *out, "--resume", str(not_ckpt)], capsys), "is not a checkpoint")
@@ -447,8 +451,12 @@ def test_resume_of_another_architecture_names_the_mismatch(tmp_path, capsys):
     out = str(tmp_path / "run")
     assert run_main(["--data", data, "--out", out, *TINY, "--epochs", "1"], capsys)[0] == 0
     ckpt = os.path.join(out, "checkpoint.pt")
-    code, err = run_main(["--data", data, "--out", out, *TINY, "--arch", "vit_t16", "--patch-size", "4", "--resume", ckpt], capsys)
+    code, err = run_main(["--data", data, "--out", out, *TINY, "--arch", "vit_t16", "--patch-size", "4", "--pred-width", "48",
+                          "--resume", ckpt], capsys)
     assert_one_line_error(code, err, "another architecture", "arch vit_demo vs vit_t16")
+    code, err = run_main(["--data", data, "--out", out, *TINY, "--epochs", "2", "--vicreg", "0", "--resume", ckpt], capsys)
+    assert code == 0, err
+    assert "warning: resuming with other settings" in err and "epochs 1 -> 2" in err and "vicreg" in err
 
 
 def test_nan_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(tmp_path, capsys, monkeypatch):
