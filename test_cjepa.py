@@ -209,6 +209,11 @@ def test_variance_covariance_against_naive_loops():
     cov_ref = sum(cov[a][b] ** 2 for a in range(D) for b in range(D) if a != b) / D
     assert l_std.item() == pytest.approx(std_ref, rel=1e-5)
     assert l_cov.item() == pytest.approx(cov_ref, rel=1e-5)
+    # under autocast the statistics stay fp32: a bf16 c.T @ c would be off by ~1e-3
+    c = torch.randn(256, 64) * 3 + 1
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = cjepa.variance_covariance(c)
+    torch.testing.assert_close(got, cjepa.variance_covariance(c), rtol=1e-5, atol=1e-6)
 
 
 def test_vicreg_zero_is_plain_ijepa():
@@ -276,6 +281,27 @@ def test_one_training_step_changes_weights():
     k = "blocks.0.attn.qkv.weight"
     torch.testing.assert_close(run["target_encoder"].state_dict()[k], 0.9 * target_before[k] + 0.1 * after[k])
     assert all(p.grad is None for p in run["target_encoder"].parameters())
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_mixed_precision_step_matches_fp32(precision):
+    """The GPU's AMP code path (autocast, GradScaler for fp16), run under CPU autocast: same losses
+    as fp32 within half-precision tolerance, fp32 VICReg statistics, and a finite update."""
+    args = tiny_args("--vicreg", "0.01")
+    args.precision = precision
+    ctx, tgt = cjepa.sample_masks(8, 7, 7, torch.Generator().manual_seed(0), min_keep=4)
+    images, stats = torch.randn(8, 3, 28, 28), {}
+    for mode in ("fp32", precision):
+        torch.manual_seed(0)
+        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(mode)
+        autocast = torch.autocast("cpu", dtype=dtype) if dtype else nullcontext()
+        run = cjepa.build_run(args, torch.device("cpu"), autocast)
+        stats[mode] = cjepa.train_step(run, images, ctx, tgt, 1e-3, 0.04, 0.9, args)
+    assert run["scaler"].is_enabled() == (precision == "fp16")  # loss scaling only where fp16 needs it
+    for key in ("loss", "ijepa", "sim", "std", "cov"):
+        assert stats[precision][key].dtype == torch.float32
+        torch.testing.assert_close(stats[precision][key], stats["fp32"][key], rtol=2e-2, atol=1e-3)
+    assert all(torch.isfinite(p).all() for p in run["encoder"].parameters())
 
 
 # ------------------------------------------------------------------------------- 8. the training loop
