@@ -557,6 +557,9 @@ def build_run(args, device, autocast):
     encoder = make_encoder(args).to(device)
     predictor = make_predictor(args).to(device)
     target_encoder = copy.deepcopy(encoder).requires_grad_(False)  # starts equal; then only EMA moves it
+    if args.compile:  # each block's norms, GELU and adds fused into fewer kernels; dynamic: mask sizes vary per batch
+        for block in (m for model in (encoder, predictor, target_encoder) for m in model.modules() if isinstance(m, Block)):
+            block.compile(dynamic=True)  # in place: parameter names and checkpoints stay the same
     opt = make_optimizer([encoder, predictor], args, device)
     scaler = torch.amp.GradScaler(device.type, enabled=args.precision == "fp16")  # only fp16 needs loss scaling
     return dict(encoder=encoder, predictor=predictor, target_encoder=target_encoder, opt=opt, scaler=scaler, autocast=autocast)
@@ -667,6 +670,7 @@ def train_epoch(run, loader, epoch, args, device, rank, world):
 def pretrain(args, rank, world, device, autocast):
     master = rank == 0
     train_set = make_dataset(args, "train", augment=True)
+    train_set[0]  # a folder without one readable image fails here, in one line, not in a loader worker
     if len(train_set) < args.batch_size * world:
         raise CliError(f"{len(train_set)} training images are fewer than one global batch "
                        f"({args.batch_size} x {world} processes): lower --batch-size")
@@ -790,11 +794,13 @@ def run_probe(target_encoder, args, device, autocast, ckpt_path):
     print(f"| {'features':<22} | top-1  |\n| {'-' * 22} | ------ |")
     for name, acc in results.items():
         print(f"| {name:<22} | {acc:5.2f}% |")
-    with open(os.path.join(args.out, "probe.json"), "w") as f:
-        json.dump(results, f, indent=1)
-    if os.path.exists(ckpt_path):
-        ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
-        atomic_save(ckpt | {"probe": results}, ckpt_path)
+    try:
+        with open(os.path.join(args.out, "probe.json"), "w") as f:
+            json.dump(results, f, indent=1)
+        if os.path.exists(ckpt_path):
+            atomic_save(torch.load(ckpt_path, map_location="cpu", weights_only=True) | {"probe": results}, ckpt_path)
+    except OSError as e:  # e.g. --probe-only on a checkpoint in a read-only folder: the table above is the result
+        print(f"warning: could not save the probe result: {e}", file=sys.stderr)
     return results
 
 
@@ -806,8 +812,9 @@ PEAK_BF16_FLOPS = {"H100 PCIe": 756e12, "H100": 989e12, "H200": 989e12, "A100": 
 
 def benchmark(args, device, autocast):
     """Training steps on random images with the published masks: the fast path (fused attention,
-    all target blocks in one batch) against the plain one (explicit attention, one block at a time).
-    The two paths' steps alternate, so a machine that slows down or speeds up affects both alike."""
+    all target blocks in one batch) against the plain one (explicit attention, one block at a time)
+    and, with --compile, the fast path compiled. The paths' steps alternate, so a machine that slows
+    down or speeds up affects all alike."""
     from torch.utils.flop_counter import FlopCounterMode
     cuda, steps = device.type == "cuda", 20 if device.type == "cuda" else 6
     grid, B = args.img_size // args.patch_size, args.batch_size
@@ -817,17 +824,19 @@ def benchmark(args, device, autocast):
     name = torch.cuda.get_device_name(device) if cuda else f"CPU, {torch.get_num_threads()} threads"
     peak = next((v for k, v in PEAK_BF16_FLOPS.items() if k in name), None) if args.precision == "bf16" else None
     runs, flops, seconds, memory = {}, {}, {}, {}
-    for path in ("fast", "plain"):
+    for path in ("fast", "plain", "compiled") if args.compile else ("fast", "plain"):
         torch.manual_seed(args.seed)
-        runs[path] = build_run(args, device, autocast)
+        runs[path] = build_run(argparse.Namespace(**vars(args) | dict(compile=path == "compiled")), device, autocast)
         for module in (m for key in ("encoder", "predictor", "target_encoder") for m in runs[path][key].modules()):
             if isinstance(module, Attention):
-                module.fused = path == "fast"
+                module.fused = path != "plain"
             if isinstance(module, Predictor):
-                module.fast = path == "fast"
-        with FlopCounterMode(display=False) as counter:  # this first step also warms up
+                module.fast = path != "plain"
+        t0 = time.perf_counter()
+        with FlopCounterMode(display=False) if path != "compiled" else nullcontext() as counter:  # also a warm-up
             train_step(runs[path], images, *masks[0], args.lr, args.wd[0], args.ema[0], args)
-        flops[path], seconds[path], memory[path] = counter.get_total_flops(), 0.0, 0.0
+        compile_seconds = time.perf_counter() - t0
+        flops[path], seconds[path], memory[path] = counter.get_total_flops() if counter else flops["fast"], 0.0, 0.0
         if path == "fast":
             predictor_share = sum(counter.get_flop_counts().get("Predictor", {}).values()) / flops[path]
     for ctx_idx, tgt_idx in masks[1:]:
@@ -841,18 +850,21 @@ def benchmark(args, device, autocast):
                 torch.cuda.synchronize()
                 memory[path] = max(memory[path], torch.cuda.max_memory_allocated() / 2**20)
             seconds[path] += (time.perf_counter() - t0) / steps
-    if not cuda:  # the whole process's peak resident memory, both paths together
+    if not cuda:  # the whole process's peak resident memory, all paths together
         import resource
         memory = dict.fromkeys(runs, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
     print(f"benchmark: {args.arch}, {args.img_size} px, batch {B}, predictor {args.pred_width} x {args.pred_depth}, "
-          f"{args.precision}, {name}, {steps} steps per path (both paths' models stay in memory)")
-    print("| path  | images/s | ms/step | peak memory MB | GFLOP/image | MFU   |\n|-------|----------|---------|----------------|-------------|-------|")
+          f"{args.precision}, {name}, {steps} steps per path (all paths' models stay in memory)")
+    print("| path     | images/s | ms/step | peak memory MB | GFLOP/image | MFU   |\n|----------|----------|---------|----------------|-------------|-------|")
     for path in runs:
         mfu = f"{100 * flops[path] / seconds[path] / peak:4.1f}%" if peak else "  -  "
-        print(f"| {path:<5} | {B / seconds[path]:8.1f} | {1000 * seconds[path]:7.1f} | {memory[path]:14.0f} "
+        print(f"| {path:<8} | {B / seconds[path]:8.1f} | {1000 * seconds[path]:7.1f} | {memory[path]:14.0f} "
               f"| {flops[path] / B / 1e9:11.2f} | {mfu} |")
     print(f"fast path speed-up over the plain path: {seconds['plain'] / seconds['fast']:.2f}x; "
           f"the predictor does {100 * predictor_share:.0f}% of the fast path's FLOPs")
+    if args.compile:
+        print(f"compiled path: {seconds['fast'] / seconds['compiled']:.2f}x the fast path; its first step "
+              f"(compilation) took {compile_seconds:.0f} s")
     benchmark_data(args)
     return {path: B / seconds[path] for path in runs}
 
@@ -930,6 +942,7 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--subset", type=int, help="use only the first N images of each split (quick checks)")
     p.add_argument("--dist-timeout", type=float, default=10.0, help="minutes a rank waits for a dead peer")
+    p.add_argument("--compile", action="store_true", help="torch.compile every transformer block (--benchmark: adds a row)")
     p.add_argument("--benchmark", action="store_true", help="time training steps on random images")
     args = p.parse_args(argv)
     return args if args.probe_only else with_defaults(args)  # --probe-only: once the checkpoint is read

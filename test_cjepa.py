@@ -1,5 +1,6 @@
 """Tests for cjepa.py: each piece against a simple reference, then the whole training path.
 Run: python -m pytest -q test_cjepa.py   (CPU, a few minutes on 2 cores)"""
+import glob
 import json
 import math
 import os
@@ -305,7 +306,7 @@ def test_mixed_precision_step_matches_fp32(precision):
 
 
 # ------------------------------------------------------------------------------- 8. the training loop
-def test_short_run_drops_the_loss_and_writes_a_run_folder(tmp_path, capsys):
+def test_short_run_drops_the_loss_and_writes_a_run_folder(tmp_path, capsys, monkeypatch):
     data = write_image_folder(str(tmp_path / "data"), n_per_class=32, splits=("train", "val"))
     out = str(tmp_path / "run")
     code, err = run_main(["--data", data, "--out", out, *TINY, "--epochs", "4", "--lr", "2e-3", "--probe-epochs", "20"], capsys)
@@ -324,6 +325,11 @@ def test_short_run_drops_the_loss_and_writes_a_run_folder(tmp_path, capsys):
     code, err = run_main(["--probe-only", os.path.join(out, "checkpoint.pt"), "--probe-epochs", "20", "--device", "cpu"], capsys)
     assert code == 0, err
     assert json.load(open(os.path.join(out, "probe.json")))["cjepa_target_encoder"] == probe  # same features, same seed
+    def read_only(*args, **kwargs):  # (tests run as root here, so chmod would not stop a write)
+        raise PermissionError(13, "Permission denied", os.path.join(out, "probe.json"))
+    monkeypatch.setattr(cjepa.json, "dump", read_only)
+    code, err = run_main(["--probe-only", os.path.join(out, "checkpoint.pt"), "--probe-epochs", "1", "--device", "cpu"], capsys)
+    assert code == 0 and "Traceback" not in err and "warning: could not save the probe result" in err, err
 
 
 def test_checkpoint_round_trip(tmp_path):
@@ -511,6 +517,11 @@ def test_corrupt_image_is_skipped_with_a_warning(tmp_path, capsys):
     code, err = run_main(["--data", data, "--out", str(tmp_path / "run"), *TINY, "--epochs", "1"], capsys)
     assert code == 0, err
     assert "warning: skipping unreadable image" in err and bad in err
+    for path in glob.glob(os.path.join(data, "train", "*", "*")):  # no readable image left, loader workers on
+        with open(path, "wb") as f:
+            f.write(b"not an image")
+    code, err = run_main(["--data", data, "--out", str(tmp_path / "run2"), *TINY, "--epochs", "1", "--workers", "2"], capsys)
+    assert_one_line_error(code, err, "no readable image")
 
 
 KILL_WHILE_SAVING = """
@@ -577,6 +588,28 @@ def test_benchmark_prints_its_table(capsys):
         assert row in out, out
     fast = [line for line in out.splitlines() if line.startswith("| fast")][0].split("|")
     assert float(fast[2]) > 0 and float(fast[5]) > 0  # images/s and GFLOP/image
+
+
+def test_compiled_blocks_train_like_eager_ones(capsys):
+    """--compile: the same losses and weights as eager over steps whose mask sizes differ (dynamic
+    shapes, no recompilation per batch), the same checkpoint keys, and a benchmark row."""
+    args = tiny_args("--vicreg", "0.01")
+    gen, images, runs, losses = torch.Generator().manual_seed(0), torch.randn(8, 3, 28, 28), {}, {}
+    masks = [cjepa.sample_masks(8, 7, 7, gen, min_keep=4, target_scale=s) for s in ((0.15, 0.15), (0.3, 0.3))]
+    assert masks[0][1].shape != masks[1][1].shape
+    for compile_ in (False, True):
+        torch.manual_seed(0)
+        args.compile = compile_
+        runs[compile_] = cjepa.build_run(args, torch.device("cpu"), nullcontext())
+        losses[compile_] = [cjepa.train_step(runs[compile_], images, *m, 1e-3, 0.04, 0.9, args)["loss"] for m in masks]
+    torch.testing.assert_close(losses[True], losses[False], rtol=1e-4, atol=1e-5)
+    eager, compiled = runs[False]["encoder"].state_dict(), runs[True]["encoder"].state_dict()
+    assert list(compiled) == list(eager)
+    torch.testing.assert_close(compiled, eager, rtol=1e-3, atol=1e-5)
+    cjepa.main(["--benchmark", "--compile", "--arch", "vit_demo", "--img-size", "28", "--batch-size", "8", "--device", "cpu",
+                "--pred-width", "32", "--pred-depth", "1", "--min-keep", "4", "--workers", "0"])
+    out = capsys.readouterr().out
+    assert "| compiled |" in out and "compiled path:" in out, out
 
 
 # ------------------------------------------------------------------------------- visualize.py
