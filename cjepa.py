@@ -714,16 +714,14 @@ def plot_curves(out):
     import matplotlib.pyplot as plt
     with open(os.path.join(out, "log.jsonl")) as f:
         log = [json.loads(line) for line in f]
-    epochs = [line["epoch"] for line in log]
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
-    for key in ("loss", "ijepa"):
-        axes[0].plot(epochs, [line[key] for line in log], marker=".", label=key)
-    axes[0].set(title="training loss", xlabel="epoch", yscale="log")
+    panels = {"training loss": ("loss", "ijepa"), "per-feature std of the target features": ("feat_std",),
+              "effective rank of the target features": ("erank",)}
+    for ax, (title, keys) in zip(axes, panels.items()):
+        for key in keys:
+            ax.plot([line["epoch"] for line in log], [line[key] for line in log], marker=".", label=key)
+        ax.set(title=title, xlabel="epoch", yscale="log" if key == "ijepa" else "linear")
     axes[0].legend()
-    axes[1].plot(epochs, [line["feat_std"] for line in log], marker=".")
-    axes[1].set(title="per-feature std of the target features", xlabel="epoch")
-    axes[2].plot(epochs, [line["erank"] for line in log], marker=".")
-    axes[2].set(title="effective rank of the target features", xlabel="epoch")
     fig.tight_layout()
     fig.savefig(os.path.join(out, "curves.png"), dpi=90)
     plt.close(fig)
