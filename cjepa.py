@@ -670,7 +670,6 @@ def train_epoch(run, loader, epoch, args, device, rank, world):
 def pretrain(args, rank, world, device, autocast):
     master = rank == 0
     train_set = make_dataset(args, "train", augment=True)
-    train_set[0]  # a folder without one readable image fails here, in one line, not in a loader worker
     if len(train_set) < args.batch_size * world:
         raise CliError(f"{len(train_set)} training images are fewer than one global batch "
                        f"({args.batch_size} x {world} processes): lower --batch-size")
@@ -679,6 +678,9 @@ def pretrain(args, rank, world, device, autocast):
                                          num_workers=args.workers, pin_memory=device.type == "cuda", drop_last=True)
     run = build_run(args, device, autocast)
     start = resume(run, load_checkpoint(args.resume, args)) if args.resume else 0
+    # A folder with no readable image fails here, in one line, not inside a loader worker. (After the
+    # weights' init, so that the random crop it draws does not change the initial weights.)
+    train_set[0]
     if world > 1:  # the target encoder is not wrapped: it gets no gradients
         ids = [device.index] if device.type == "cuda" else None
         run["encoder"] = nn.parallel.DistributedDataParallel(run["encoder"], device_ids=ids)
