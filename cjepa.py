@@ -201,8 +201,9 @@ def place_blocks(n, h, w, H, W, gen):
     """n h x w blocks at random positions (every valid start, last row and column included) -> [n, H*W] bool."""
     top = torch.randint(0, H - h + 1, (n, 1), generator=gen)
     left = torch.randint(0, W - w + 1, (n, 1), generator=gen)
-    row, col = torch.arange(H).repeat_interleave(W), torch.arange(W).repeat(H)  # of each patch, raster order
-    return (row >= top) & (row < top + h) & (col >= left) & (col < left + w)
+    rows = (torch.arange(H) >= top) & (torch.arange(H) < top + h)  # [n, H]: the rows each block covers
+    cols = (torch.arange(W) >= left) & (torch.arange(W) < left + w)  # [n, W]
+    return (rows[:, :, None] & cols[:, None, :]).flatten(1)  # [n, H*W], raster order
 
 
 def random_subset(mask, gen):
@@ -820,7 +821,9 @@ def benchmark(args, device, autocast):
     grid, B = args.img_size // args.patch_size, args.batch_size
     gen = torch.Generator().manual_seed(args.seed)
     images = torch.randn(B, 3, args.img_size, args.img_size, device=device)
+    t0 = time.perf_counter()
     masks = [[x.to(device) for x in sample_masks(B, grid, grid, gen, **mask_config(args))] for _ in range(steps + 1)]
+    mask_ms = 1000 * (time.perf_counter() - t0) / (steps + 1)  # CPU work of the training loop's process, per batch
     name = torch.cuda.get_device_name(device) if cuda else f"CPU, {torch.get_num_threads()} threads"
     peak = next((v for k, v in PEAK_BF16_FLOPS.items() if k in name), None) if args.precision == "bf16" else None
     runs, flops, seconds, memory = {}, {}, {}, {}
@@ -861,7 +864,8 @@ def benchmark(args, device, autocast):
         print(f"| {path:<8} | {B / seconds[path]:8.1f} | {1000 * seconds[path]:7.1f} | {memory[path]:14.0f} "
               f"| {flops[path] / B / 1e9:11.2f} | {mfu} |")
     print(f"fast path speed-up over the plain path: {seconds['plain'] / seconds['fast']:.2f}x; "
-          f"the predictor does {100 * predictor_share:.0f}% of the fast path's FLOPs")
+          f"the predictor does {100 * predictor_share:.0f}% of the fast path's FLOPs; sampling a batch's masks "
+          f"takes {mask_ms:.1f} ms")
     if args.compile:
         print(f"compiled path: {seconds['fast'] / seconds['compiled']:.2f}x the fast path; its first step "
               f"(compilation) took {compile_seconds:.0f} s")

@@ -584,7 +584,7 @@ def test_benchmark_prints_its_table(capsys):
     cjepa.main(["--benchmark", "--arch", "vit_demo", "--img-size", "28", "--batch-size", "8", "--device", "cpu",
                 "--pred-width", "32", "--pred-depth", "1", "--min-keep", "4", "--workers", "0"])
     out = capsys.readouterr().out
-    for row in ("| fast ", "| plain", "speed-up", "data pipeline"):
+    for row in ("| fast ", "| plain", "speed-up", "masks takes", "data pipeline"):
         assert row in out, out
     fast = [line for line in out.splitlines() if line.startswith("| fast")][0].split("|")
     assert float(fast[2]) > 0 and float(fast[5]) > 0  # images/s and GFLOP/image
