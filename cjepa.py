@@ -292,7 +292,7 @@ class Predictor(nn.Module):
         for block in self.predictor_blocks[:-1]:
             x = block(x)
         # Only the mask tokens' outputs are used: the last block skips the context tokens' MLP and
-        # projection (11% fewer FLOPs for a ViT-T/16 with the published predictor)
+        # projection (in the benchmark, 11% of a ViT-T/16 step's FLOPs; the share varies with the masks)
         x = self.predictor_blocks[-1](x, last=Kt if self.fast else None)[:, -Kt:]  # [M*B, Kt, Dp]
         return self.predictor_proj(self.predictor_norm(x)).view(M, B, Kt, -1)
 
@@ -516,7 +516,8 @@ def setup(args):
     cuda = args.device.startswith("cuda")
     if cuda and not torch.cuda.is_available():
         raise CliError(f"--device {args.device}: this machine has no CUDA device; use --device cpu")
-    args.precision = args.precision or ("bf16" if cuda else "fp32")  # bf16 autocast is ~20x slower on CPUs
+    if not args.precision:  # bf16 autocast is ~20x slower on CPUs, and emulated (slow) on GPUs before A100
+        args.precision = "fp32" if not cuda else "bf16" if torch.cuda.is_bf16_supported(including_emulation=False) else "fp16"
     if args.precision != "fp32" and not cuda:
         raise CliError(f"--precision {args.precision} needs CUDA; on the CPU use --precision fp32")
     args.patch_size = args.patch_size or ARCHS[args.arch][3]
@@ -540,10 +541,13 @@ def setup(args):
         device = torch.device(args.device)
     except RuntimeError:
         raise CliError(f"--device {args.device}: expected cpu, cuda or cuda:N") from None
+    if "RANK" in os.environ and cuda:  # torchrun: one GPU per process
+        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+    if cuda and device.index is not None:
+        if device.index >= torch.cuda.device_count():
+            raise CliError(f"--device {args.device}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+        torch.cuda.set_device(device)  # the current device: synchronize(), memory statistics, pinned memory
     if "RANK" in os.environ:  # launched by torchrun; multi-node works the same (env:// rendezvous)
-        if cuda:
-            device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
-            torch.cuda.set_device(device)
         # a rank that waits longer than this for a dead peer exits instead of hanging forever
         dist.init_process_group("nccl" if cuda else "gloo", timeout=timedelta(minutes=args.dist_timeout))
     if cuda:
@@ -615,6 +619,8 @@ def resume(run, ckpt):
     unwrap(run["encoder"]).load_state_dict(ckpt["encoder"])
     unwrap(run["predictor"]).load_state_dict(ckpt["predictor"])
     run["target_encoder"].load_state_dict(ckpt["target_encoder"])
+    for group in ckpt["opt"]["param_groups"]:  # fused AdamW (CUDA) or not is this machine's choice, not the checkpoint's
+        group["fused"] = run["opt"].defaults["fused"]
     run["opt"].load_state_dict(ckpt["opt"])
     if ckpt["scaler"]:  # empty unless the run used fp16
         run["scaler"].load_state_dict(ckpt["scaler"])
@@ -684,8 +690,9 @@ def pretrain(args, rank, world, device, autocast):
     train_set[0]
     if world > 1:  # the target encoder is not wrapped: it gets no gradients
         ids = [device.index] if device.type == "cuda" else None
-        run["encoder"] = nn.parallel.DistributedDataParallel(run["encoder"], device_ids=ids)
-        run["predictor"] = nn.parallel.DistributedDataParallel(run["predictor"], device_ids=ids)
+        # broadcast_buffers=False: the only buffers are the fixed positions, the same on every rank
+        run["encoder"] = nn.parallel.DistributedDataParallel(run["encoder"], device_ids=ids, broadcast_buffers=False)
+        run["predictor"] = nn.parallel.DistributedDataParallel(run["predictor"], device_ids=ids, broadcast_buffers=False)
     ckpt_path = os.path.join(args.out, "checkpoint.pt")
     if master:
         os.makedirs(args.out, exist_ok=True)

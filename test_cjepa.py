@@ -349,6 +349,28 @@ def test_checkpoint_round_trip(tmp_path):
     assert fresh["opt"].state_dict()["state"][0]["step"] == run["opt"].state_dict()["state"][0]["step"]
 
 
+def test_resume_keeps_this_machines_adamw_implementation(tmp_path):
+    """A checkpoint written with plain AdamW (a CPU run) resumed where AdamW is fused (CUDA) stays fused,
+    and takes the same next step."""
+    torch.manual_seed(0)
+    args = tiny_args()
+    run = cjepa.build_run(args, torch.device("cpu"), nullcontext())
+    gen, images = torch.Generator().manual_seed(0), torch.randn(8, 3, 28, 28)
+    cjepa.train_step(run, images, *cjepa.sample_masks(8, 7, 7, gen, min_keep=4), 1e-3, 0.04, 0.9, args)
+    path = str(tmp_path / "ckpt.pt")
+    cjepa.save_checkpoint(path, run, 1, args)
+    masks, weights = cjepa.sample_masks(8, 7, 7, gen, min_keep=4), {}
+    for fused in (False, True):
+        fresh = cjepa.build_run(args, torch.device("cpu"), nullcontext())
+        groups = [dict(params=g["params"], weight_decay=g["weight_decay"]) for g in fresh["opt"].param_groups]
+        fresh["opt"] = torch.optim.AdamW(groups, lr=args.lr, fused=fused)  # as make_optimizer builds it on CUDA
+        cjepa.resume(fresh, cjepa.load_checkpoint(path, args))
+        assert all(g["fused"] == fused for g in fresh["opt"].param_groups)
+        cjepa.train_step(fresh, images, *masks, 1e-3, 0.04, 0.9, args)
+        weights[fused] = fresh["encoder"].state_dict()
+    torch.testing.assert_close(weights[True], weights[False])
+
+
 def test_resume_ends_with_the_same_weights(tmp_path, capsys):
     data = write_image_folder(str(tmp_path / "data"))
     whole = str(tmp_path / "whole")
