@@ -602,9 +602,12 @@ def test_short_demo_learns_from_the_shipped_images(tmp_path, capsys):
     assert json.loads(open(os.path.join(out, "log.jsonl")).readline())["epoch"] == 1
 
 
+TINY_BENCHMARK = ["--benchmark", "--arch", "vit_demo", "--img-size", "28", "--batch-size", "8", "--device", "cpu",
+                  "--pred-width", "32", "--pred-depth", "1", "--min-keep", "4", "--workers", "0"]
+
+
 def test_benchmark_prints_its_table(capsys):
-    cjepa.main(["--benchmark", "--arch", "vit_demo", "--img-size", "28", "--batch-size", "8", "--device", "cpu",
-                "--pred-width", "32", "--pred-depth", "1", "--min-keep", "4", "--workers", "0"])
+    cjepa.main(TINY_BENCHMARK)
     out = capsys.readouterr().out
     for row in ("| fast ", "| plain", "speed-up", "masks takes", "data pipeline"):
         assert row in out, out
@@ -630,8 +633,7 @@ def test_compiled_blocks_train_like_eager_ones(capsys):
     eager, compiled = runs[False]["encoder"].state_dict(), runs[True]["encoder"].state_dict()
     assert list(compiled) == list(eager)
     torch.testing.assert_close(compiled, eager, rtol=1e-3, atol=1e-5)
-    cjepa.main(["--benchmark", "--compile", "--arch", "vit_demo", "--img-size", "28", "--batch-size", "8", "--device", "cpu",
-                "--pred-width", "32", "--pred-depth", "1", "--min-keep", "4", "--workers", "0"])
+    cjepa.main(TINY_BENCHMARK + ["--compile"])
     out = capsys.readouterr().out
     assert "| compiled |" in out and "compiled path:" in out, out
 
