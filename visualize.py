@@ -148,10 +148,24 @@ def prepare(image, cfg):
 
 # ---- the maps and the figure --------------------------------------------------------------------------
 @torch.no_grad()
+def last_block_attention(encoder, x):
+    """x [B, 3, H, W] -> [B, heads, N, N]: the last block's attention weights, softmax(q k^T / sqrt(d)),
+    spelled out (the model's fused attention never forms them)."""
+    tokens = encoder.embed(x)
+    for block in encoder.blocks[:-1]:
+        tokens = block(tokens)
+    last = encoder.blocks[-1]
+    B, N, D = tokens.shape
+    qkv = last.attn.qkv(last.norm1(tokens)).view(B, N, 3, last.attn.heads, D // last.attn.heads)
+    q, k, _ = qkv.permute(2, 0, 3, 1, 4)  # each [B, heads, N, D/heads]
+    return (q @ k.transpose(-2, -1) * q.shape[-1] ** -0.5).softmax(dim=-1)
+
+
+@torch.no_grad()
 def received_attention(encoder, x, per_head=False, mode="nearest"):
     """x [B, 3, H, W] -> [B, heads or 1, H, W]: the attention each patch receives in the last block, averaged
     over the queries (and the heads), in units of uniform (x N), upsampled from the patch grid to the image."""
-    attn = encoder.last_attention(x)  # [B, heads, N queries, N keys]; each query's row sums to 1
+    attn = last_block_attention(encoder, x)  # [B, heads, N queries, N keys]; each query's row sums to 1
     received = attn.mean(dim=2)  # [B, heads, N]: each key's column, averaged over the queries; sums to 1
     if not per_head:
         received = received.mean(dim=1, keepdim=True)
@@ -163,7 +177,8 @@ def mask_overlay(cfg, gen):
     """One sampled mask as an RGBA [grid, grid, 4]: context patches blue, each target block its own colour."""
     grid = cfg.img_size // cfg.patch_size
     try:
-        cjepa.check_mask_config(grid, grid, **cfg.masks)  # a one-line error, not a fallback, where masks can't fit
+        # a one-line error, not a fallback, where masks can't fit
+        cjepa.check_masks_fit(grid, grid, cfg.masks["target_scale"], cfg.masks["min_keep"])
     except CliError as e:
         raise CliError(f"--masks: {e}") from None
     ctx, tgt = cjepa.sample_masks(1, grid, grid, gen, **cfg.masks)  # [1, Kc], [M, 1, Kt]
