@@ -88,7 +88,8 @@ PRETRAIN = dict(
     out="runs/pretrain",  # the run folder
 )
 # With no --data: the demo, Fashion-MNIST at 28 px (a 7 x 7 patch grid) on a CPU in minutes.
-# Each value that differs was chosen by measurement (README, "The demo").
+# The model size, epochs, batch, schedules and beta_vicreg were chosen by measurement (README,
+# "The demo"); min_keep is the most that a 7 x 7 grid allows.
 DEMO = PRETRAIN | dict(
     arch="vit_demo",  # width 128, depth 4, patch 4: 0.8M parameters
     img_size=28,
@@ -100,7 +101,7 @@ DEMO = PRETRAIN | dict(
     vicreg=0.01,  # 0.001 (the paper's) to 0.05 all work here; 0.01 probed best
     pred_width=64,
     pred_depth=3,
-    min_keep=4,  # a 15% target block of a 7 x 7 grid has 6 patches: 10 cannot fit
+    min_keep=4,  # a 15% target block of a 7 x 7 grid can have as few as 6 patches
     clip=1.0,
     probe_blocks=4,
     probe_epochs=30,
@@ -225,8 +226,8 @@ class VisionTransformer(nn.Module):
 
 
 def make_encoder(args):
-    width, depth, heads, patch = ARCHS[args.arch]
-    return VisionTransformer(args.img_size, args.patch_size or patch, width, depth, heads)
+    width, depth, heads, _ = ARCHS[args.arch]
+    return VisionTransformer(args.img_size, args.patch_size, width, depth, heads)
 
 
 # =============================================================================================
@@ -234,7 +235,11 @@ def make_encoder(args):
 # =============================================================================================
 # I-JEPA hides M target blocks (each 15-20% of the image) and shows the context encoder one large
 # block (85-100%) with every target patch removed, so the targets can't be copied: they must be
-# predicted from their surroundings. One block size per batch, positions per image.
+# predicted from their surroundings. The masks are the only "augmentation" the method needs:
+# context and targets come from one view of the image, with no hand-made distortions (the data
+# pipeline adds a random resized crop, as I-JEPA does). One block size per batch, so that every
+# image's mask has the same length and the batch is a tensor; positions are drawn per image.
+TARGET_ASPECT = (0.75, 1.5)  # a target block's height / width
 
 
 def block_shape(scale, aspect, H, W):
@@ -281,12 +286,12 @@ def random_subset(mask, gen):
     return chosen.sort(dim=1).values
 
 
-def sample_masks(B, H, W, gen, n_targets=4, target_scale=(0.15, 0.2), target_aspect=(0.75, 1.5),
+def sample_masks(B, H, W, gen, n_targets=4, target_scale=(0.15, 0.2), target_aspect=TARGET_ASPECT,
                  context_scale=(0.85, 1.0), min_keep=10, tries=20):
     """The multi-block mask sampler, vectorised over the batch, for an H x W patch grid.
     Returns context indices [B, Kc] and target indices [M, B, Kt] (M = n_targets).
     Never hangs: each image gets `tries` candidate placements, then a defined fallback."""
-    N, images = H * W, torch.arange(B)
+    N, rows = H * W, torch.arange(B)
     th, tw = draw_block_shape(target_scale, target_aspect, H, W, gen)
     ch, cw = draw_block_shape(context_scale, (1.0, 1.0), H, W, gen)
 
@@ -295,7 +300,7 @@ def sample_masks(B, H, W, gen, n_targets=4, target_scale=(0.15, 0.2), target_asp
     targets = targets.view(B, tries, n_targets, N)
     free = ~targets.any(dim=2)  # [B, tries, N]: the patches in no target block
     ok = free.sum(dim=2) >= min_keep
-    targets = targets[images, first_true(ok)]  # [B, M, N]
+    targets = targets[rows, first_true(ok)]  # [B, M, N]: each image's chosen try
     stuck = ~ok.any(dim=1)
     # Fallback: all M blocks on the first one's spot (check_masks_fit makes sure that fits).
     targets[stuck] = targets[stuck, :1]
@@ -305,7 +310,7 @@ def sample_masks(B, H, W, gen, n_targets=4, target_scale=(0.15, 0.2), target_asp
     context = place_blocks(B * tries, ch, cw, H, W, gen).view(B, tries, N)
     context = context & free[:, None]  # every target patch removed
     ok = context.sum(dim=2) >= min_keep
-    context = context[images, first_true(ok)]  # [B, N]
+    context = context[rows, first_true(ok)]  # [B, N]
     stuck = ~ok.any(dim=1)
     context[stuck] = free[stuck]  # fallback: every patch outside the targets
 
@@ -353,8 +358,8 @@ class Predictor(nn.Module):
 
 
 def make_predictor(args):
-    width, depth, heads, patch = ARCHS[args.arch]
-    grid = args.img_size // (args.patch_size or patch)
+    width, depth, heads, _ = ARCHS[args.arch]
+    grid = args.img_size // args.patch_size
     return Predictor(grid, width, args.pred_width, args.pred_depth, heads)
 
 
@@ -364,14 +369,15 @@ def make_predictor(args):
 # The target encoder is a copy of the context encoder that gets no gradients. After every
 # optimizer step it moves a little towards the context encoder (an exponential moving average).
 # The predictor must match its output on the target blocks: that is I-JEPA. Nothing in that loss
-# stops the features from collapsing into a few directions, and in practice they do (README);
-# C-JEPA adds VICReg's terms against it.
+# stops the features from collapsing into a few directions: in the demo, plain I-JEPA's target
+# features span about 4 effective dimensions of 128 (README). C-JEPA adds VICReg's terms against it.
 
 
 @torch.no_grad()
 def target_features(target_encoder, images):
-    """The target encoder's view of the whole image, [B, N, D], each patch's features
-    normalised (layer norm without affine): what the predictor must predict."""
+    """The target encoder's view of the whole image, [B, N, D]: what the predictor must predict.
+    Each patch's features are normalised (layer norm without affine), as in the official code:
+    that fixes the targets' scale, so the loss cannot shrink by shrinking the targets."""
     h = target_encoder(images)
     return F.layer_norm(h, h.shape[-1:])
 
@@ -404,12 +410,12 @@ def cjepa_loss(p, t, z, args):
     # VICReg, as we read the paper (it released no code), with fp32 statistics.
     # Variance and covariance of the mean context feature of each image, over the global batch
     # (under DDP, gather_batch collects every process's images: section 7):
-    c = gather_batch(z.float().mean(dim=1))  # [B_global, D]
-    l_std, l_cov = variance_covariance(c)  # against total and dimensional collapse
+    c = gather_batch(z.float().mean(dim=1))  # [B_global, D]: one mean feature per image
+    l_std, l_cov = variance_covariance(c)  # scalars: against total and dimensional collapse
     # Invariance: the prediction must get the mean of each image's target patches right
     l_sim = F.mse_loss(p.float().mean(dim=(0, 2)), t.float().mean(dim=(0, 2)))
-    vicreg = args.beta_sim * l_sim + args.beta_std * l_std + args.beta_cov * l_cov
-    loss = l_ijepa + args.vicreg * vicreg
+    l_vicreg = args.beta_sim * l_sim + args.beta_std * l_std + args.beta_cov * l_cov
+    loss = l_ijepa + args.vicreg * l_vicreg  # args.vicreg is beta_vicreg
     terms = dict(loss=loss, ijepa=l_ijepa, sim=l_sim, std=l_std, cov=l_cov)
     return loss, {name: value.detach().float() for name, value in terms.items()}
 
@@ -423,12 +429,14 @@ def cosine(t, start, end):
     return end + (start - end) * 0.5 * (1 + math.cos(math.pi * t))
 
 
-def schedules(step, total, warmup, args):
-    """Per-iteration (learning rate, weight decay, EMA momentum)."""
-    if step < warmup:
-        lr = args.start_lr + (args.lr - args.start_lr) * step / warmup
+def schedules(step, total, warmup_steps, args):
+    """(learning rate, weight decay, EMA momentum) at this step of `total`: they change every
+    step, not every epoch."""
+    if step < warmup_steps:
+        lr = args.start_lr + (args.lr - args.start_lr) * step / warmup_steps
     else:
-        lr = cosine((step - warmup) / max(1, total - warmup), args.lr, args.final_lr)
+        t = (step - warmup_steps) / max(1, total - warmup_steps)
+        lr = cosine(t, args.lr, args.final_lr)
     wd = cosine(step / total, args.wd[0], args.wd[1])  # rises from wd[0] to wd[1]
     m = args.ema[0] + (args.ema[1] - args.ema[0]) * step / total
     return lr, wd, m
@@ -456,12 +464,13 @@ def build_run(args, device, autocast):
 
 def train_step(run, images, ctx_idx, tgt_idx, lr, wd, m, args):
     """One whole C-JEPA step on a batch of images and its masks, with this step's learning
-    rate, weight decay and EMA momentum. Returns the loss terms (for the log) and the target
-    encoder's mean feature per image [B, D] (for the collapse monitors)."""
+    rate, weight decay and EMA momentum. Returns the loss terms (for the log) and the mean
+    normalised target feature of each image [B, D] (for the collapse monitors)."""
     encoder, predictor, target_encoder = run["encoder"], run["predictor"], run["target_encoder"]
     opt, scaler = run["opt"], run["scaler"]
     device = next(target_encoder.parameters()).device
-    # Step 1. Masks: one context block and M target blocks per image, sampled with the batch
+    # Step 1. The batch and its masks (one context block and M target blocks per image, drawn by
+    # the training loop: sample_masks) go to the device
     images = images.to(device, non_blocking=True)
     ctx_idx = ctx_idx.to(device, non_blocking=True)  # [B, Kc]
     tgt_idx = tgt_idx.to(device, non_blocking=True)  # [M, B, Kt]
@@ -474,7 +483,7 @@ def train_step(run, images, ctx_idx, tgt_idx, lr, wd, m, args):
         p = predictor(z, ctx_idx, tgt_idx)  # [M, B, Kt, D]
         # Step 4. Loss
         loss, terms = cjepa_loss(p, t, z, args)
-    if not torch.isfinite(loss):  # stop before a NaN reaches the weights (one host sync a step)
+    if not all_finite(loss):  # stop before a NaN reaches the weights (one host sync a step)
         raise FloatingPointError(f"the loss is {loss.item()}")
     # Step 5. Backward and AdamW step (fp16: the GradScaler scales the loss, then unscales)
     for group in opt.param_groups:
@@ -491,7 +500,8 @@ def train_step(run, images, ctx_idx, tgt_idx, lr, wd, m, args):
     ema_update(target_encoder, encoder, m)  # (a DDP wrapper has the same parameters)
     return terms, h.mean(dim=1).float()
 
-# That is all of C-JEPA. Everything below runs it: data, devices, checkpoints, the loop, the probe.
+# That is all of C-JEPA. Everything below runs it: data, devices, checkpoints, the loop (which
+# draws each batch's masks and this step's schedules, section 9), the probe and the benchmark.
 
 
 # =============================================================================================
@@ -542,7 +552,8 @@ class SafeImageFolder(datasets.ImageFolder):
 
 
 def make_dataset(args, split, augment):
-    """split 'train' or 'val'; augment: RandomResizedCrop for pretraining, else a center crop."""
+    """split 'train' or 'val'. augment: the pretraining augmentation (RandomResizedCrop; on the
+    demo set, horizontal flips), else a center crop."""
     dataset = load_images(args, split, augment)
     if args.subset:  # the first N images only: quick checks
         dataset = torch.utils.data.Subset(dataset, range(min(args.subset, len(dataset))))
@@ -606,8 +617,6 @@ def setup(args):
         # a rank that waits longer than this for a dead peer exits instead of hanging forever
         timeout = timedelta(minutes=args.dist_timeout)
         dist.init_process_group("nccl" if cuda else "gloo", timeout=timeout)
-    if cuda:
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.precision)
     autocast = torch.autocast("cuda", dtype=dtype) if dtype else nullcontext()
     return rank, world, device, autocast
@@ -632,6 +641,15 @@ class GatherBatch(torch.autograd.Function):
         return grad.chunk(dist.get_world_size())[dist.get_rank()]
 
 
+def all_finite(loss):
+    """Is the loss finite on every rank? (Under DDP a rank that stopped alone would leave the
+    others waiting in their backward's all-reduce.)"""
+    finite = torch.isfinite(loss).float()
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(finite, op=dist.ReduceOp.MIN)
+    return bool(finite)
+
+
 def gather_batch(x):
     """The global batch under DDP; x itself in a single process."""
     if dist.is_available() and dist.is_initialized():
@@ -640,12 +658,12 @@ def gather_batch(x):
 
 
 def wrap_ddp(run, device):
-    """DDP for the two trained models; the target encoder gets no gradients and is not wrapped."""
+    """DDP for the two trained models; the target encoder gets no gradients and is not wrapped.
+    (DDP broadcasts the buffers, the fixed position tables, before each forward: for ViT-B/16
+    0.2% of the bytes of the gradients' all-reduce.)"""
     ids = [device.index] if device.type == "cuda" else None
     for key in ("encoder", "predictor"):
-        # broadcast_buffers=False: the only buffers are the fixed positions, equal on every rank
-        run[key] = nn.parallel.DistributedDataParallel(run[key], device_ids=ids,
-                                                       broadcast_buffers=False)
+        run[key] = nn.parallel.DistributedDataParallel(run[key], device_ids=ids)
 
 
 def unwrap(model):
@@ -771,21 +789,23 @@ def collapse_monitors(pooled):
 
 
 def train_epoch(run, loader, epoch, args, rank, world):
-    """One pass over the data; returns the epoch's log line (a dict), averaged over ranks."""
+    """One pass over the data; returns the epoch's log line (a dict): the loss terms averaged
+    over the steps and the ranks, the last step's schedules, and rank 0's collapse monitors."""
     iters = len(loader)
-    total, warmup = iters * args.epochs, round(args.warmup * iters)
+    total, warmup_steps = iters * args.epochs, round(args.warmup * iters)
     grid = args.img_size // args.patch_size
     # Every epoch's randomness (crops, masks, data order) is seeded from (seed, epoch, rank), so a
     # resumed run draws exactly what the uninterrupted run would have.
-    torch.manual_seed(args.seed + 1000 * epoch + rank)
-    gen = torch.Generator().manual_seed(args.seed + 1000 * epoch + rank)
+    seed = args.seed + 1000 * epoch + rank
+    torch.manual_seed(seed)
+    gen = torch.Generator().manual_seed(seed)
     if isinstance(loader.sampler, torch.utils.data.DistributedSampler):
         loader.sampler.set_epoch(epoch)
     sums, pooled, t0 = 0, [], time.time()
     bar = tqdm(loader, desc=f"epoch {epoch + 1}/{args.epochs}", disable=rank != 0, leave=False,
                dynamic_ncols=True)
     for i, (images, _) in enumerate(bar):
-        lr, wd, m = schedules(epoch * iters + i, total, warmup, args)
+        lr, wd, m = schedules(epoch * iters + i, total, warmup_steps, args)
         ctx_idx, tgt_idx = sample_masks(len(images), grid, grid, gen, **mask_config(args))
         try:
             terms, target_means = train_step(run, images, ctx_idx, tgt_idx, lr, wd, m, args)
@@ -844,12 +864,14 @@ def pretrain(args, rank, world, device, autocast):
         print(f"C-JEPA {args.arch} ({n_params:.1f}M params), {len(train_set)} images, {world} "
               f"process(es) on {device}, {args.precision}, epochs {start + 1}-{args.epochs}, "
               f"run folder {args.out}")
-    last_epoch = min(args.epochs, args.stop_after or args.epochs)  # --stop-after: a time limit
+    # --stop-after: stop early (e.g. for a job's time limit); --resume continues
+    last_epoch = min(args.epochs, args.stop_after or args.epochs)
     epoch = start
     while epoch < last_epoch:
         line = train_epoch(run, loader, epoch, args, rank, world)
         epoch += 1
-        if master:  # the checkpoint first: a crash in between must not log an epoch resume redoes
+        # save before logging: a crash between the two would log an epoch that --resume reruns
+        if master:
             save_checkpoint(ckpt_path, run, epoch, args)
             with open(os.path.join(args.out, "log.jsonl"), "a") as f:
                 f.write(json.dumps(line) + "\n")
@@ -907,14 +929,15 @@ def raw_pixels(images):
 
 @torch.no_grad()
 def extract_features(fn, dataset, device, autocast, workers):
-    """fn: images -> features. Run once over a dataset (no augmentation); the features stay on
-    the device."""
+    """fn: images -> features. Run once over a dataset (no augmentation). The features are kept
+    in host memory, not on the GPU beside the training models: ViT-H/14 with 4 probe blocks on
+    ImageNet's 1.28M images makes 26 GB of them."""
     loader = torch.utils.data.DataLoader(dataset, batch_size=256, num_workers=workers)
     feats, labels = [], []
     for images, y in tqdm(loader, desc="probe features", leave=False, dynamic_ncols=True):
         with autocast:
-            feats.append(fn(images.to(device, non_blocking=True)).float())
-        labels.append(y.to(device))
+            feats.append(fn(images.to(device, non_blocking=True)).float().cpu())
+        labels.append(y)
     return torch.cat(feats), torch.cat(labels)
 
 
@@ -932,14 +955,19 @@ def train_linear_head(train, val, epochs, device, seed=0):
     batch = max(256, len(x) // 200)  # 256 for small sets; ImageNet: 200 steps an epoch
     lr_decay = torch.optim.lr_scheduler.CosineAnnealingLR(opt, epochs * math.ceil(len(x) / batch))
     for _ in range(epochs):
-        for idx in torch.randperm(len(x), device=device).split(batch):
-            loss = F.cross_entropy(head(x[idx]), y[idx])
+        for idx in torch.randperm(len(x)).split(batch):
+            loss = F.cross_entropy(head(x[idx].to(device)), y[idx].to(device))
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
             lr_decay.step()
     head.eval()
-    return 100 * (head(x_val).argmax(dim=1) == y_val).float().mean().item()
+    correct = 0
+    with torch.no_grad():  # in batches: the val features stay in host memory too
+        for idx in torch.arange(len(x_val)).split(4096):
+            predicted = head(x_val[idx].to(device)).argmax(dim=1).cpu()
+            correct += (predicted == y_val[idx]).sum().item()
+    return 100 * correct / len(x_val)
 
 
 def run_probe(target_encoder, args, device, autocast, ckpt_path):
@@ -977,7 +1005,7 @@ def run_probe(target_encoder, args, device, autocast, ckpt_path):
         with open(os.path.join(args.out, "probe.json"), "w") as f:
             json.dump(results, f, indent=1)
         if os.path.exists(ckpt_path):
-            ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+            ckpt = read_checkpoint(ckpt_path)
             atomic_save(ckpt | {"probe": results}, ckpt_path)
     except OSError as e:  # e.g. --probe-only in a read-only folder: the table above is the result
         print(f"warning: could not save the probe result: {e}", file=sys.stderr)
@@ -987,7 +1015,40 @@ def run_probe(target_encoder, args, device, autocast, ckpt_path):
 # =============================================================================================
 # 11. Benchmark
 # =============================================================================================
-PEAK_BF16_FLOPS = {"H100 PCIe": 756e12, "H100": 989e12, "H200": 989e12, "A100": 312e12}  # for MFU
+# For MFU: dense (no sparsity) bf16 / fp16 tensor-core peaks of common data-centre GPUs, from
+# NVIDIA's data sheets. The first entry whose words all occur in the device's name is used.
+GPU_PEAKS = [
+    (("H100", "NVL"), 835e12), (("H100", "PCIe"), 756e12), (("H100",), 989e12),  # H100 SXM
+    (("H200", "NVL"), 835e12), (("H200",), 989e12),  # H200 SXM (and GH200)
+    (("B200",), 2250e12),
+    (("A100",), 312e12),  # SXM and PCIe alike
+    (("L40S",), 362e12), (("L40",), 181e12), (("L4",), 121e12),
+    (("V100", "PCIe"), 112e12), (("V100",), 125e12), (("T4",), 65e12),  # fp16 only
+]
+
+
+def gpu_peak(name):
+    """A CUDA device's name -> (the GPU_PEAKS words that matched, peak FLOP/s), or None."""
+    for words, peak in GPU_PEAKS:
+        if all(word.lower() in name.lower() for word in words):  # e.g. "A100-PCIE-40GB"
+            return " ".join(words), peak
+    return None
+
+
+def cpu_matmul_peak(run, tokens, reps=3):
+    """FLOP/s of this CPU's fp32 matrix products on the step's own linear-layer shapes (tokens x
+    in @ in x out), the best of them: the CPU's analogue of a GPU's peak, measured in the run."""
+    shapes = {(m.in_features, m.out_features) for key in ("encoder", "predictor")
+              for m in run[key].modules() if isinstance(m, nn.Linear)}
+    best = 0.0
+    for d_in, d_out in sorted(shapes):
+        a, b = torch.randn(tokens, d_in), torch.randn(d_in, d_out)
+        a @ b  # warm-up
+        t0 = time.perf_counter()
+        for _ in range(reps):
+            a @ b
+        best = max(best, 2 * tokens * d_in * d_out * reps / (time.perf_counter() - t0))
+    return best
 
 
 def count_cpu_attention_flops():
@@ -1018,9 +1079,6 @@ def benchmark(args, device, autocast):
     masks = [sample_masks(B, grid, grid, gen, **mask_config(args)) for _ in range(steps + 1)]
     mask_ms = 1000 * (time.perf_counter() - t0) / (steps + 1)  # the loop's own CPU work per batch
     name = torch.cuda.get_device_name(device) if cuda else f"CPU, {torch.get_num_threads()} threads"
-    peak = None
-    if args.precision == "bf16":
-        peak = next((v for k, v in PEAK_BF16_FLOPS.items() if k in name), None)
     runs, seconds, memory, first_step = {}, {}, {}, {}
     for path in ("eager", "compiled") if args.compile else ("eager",):
         torch.manual_seed(args.seed)
@@ -1048,9 +1106,17 @@ def benchmark(args, device, autocast):
                 torch.cuda.synchronize()
                 memory[path] = max(memory[path], torch.cuda.max_memory_allocated() / 2**20)
             seconds[path] += (time.perf_counter() - t0) / steps
-    if not cuda:  # the whole process's peak resident memory, all paths together
-        import resource
+    if cuda:
+        found = gpu_peak(name) if args.precision != "fp32" else None
+        peak = found[1] if found else None
+        peak_note = (f"MFU: of the {found[0]} {args.precision} peak, {found[1] / 1e12:.0f} TFLOP/s"
+                     if found else f"MFU: no {args.precision} peak known for {name}")
+    else:
+        import resource  # the whole process's peak resident memory, all paths together
         memory = dict.fromkeys(runs, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+        peak = cpu_matmul_peak(runs["eager"], B * grid * grid)
+        peak_note = (f"MFU on a CPU: of its fp32 matrix-product peak, {peak / 1e9:.0f} GFLOP/s "
+                     "measured now on the step's linear-layer shapes")
     print(f"benchmark: {args.arch}, {args.img_size} px, batch {B}, predictor {args.pred_width} x "
           f"{args.pred_depth}, {args.precision}, {name}, {steps} steps per path")
     print("| path     | images/s | ms/step | peak memory MB | GFLOP/image | MFU   |\n"
@@ -1059,8 +1125,8 @@ def benchmark(args, device, autocast):
         mfu = f"{100 * flops / seconds[path] / peak:4.1f}%" if peak else "  -  "
         print(f"| {path:<8} | {B / seconds[path]:8.1f} | {1000 * seconds[path]:7.1f} "
               f"| {memory[path]:14.0f} | {flops / B / 1e9:11.2f} | {mfu} |")
-    print(f"the predictor does {100 * predictor_flops / flops:.0f}% of the FLOPs; sampling a "
-          f"batch's masks takes {mask_ms:.1f} ms")
+    print(f"{peak_note}; the predictor does {100 * predictor_flops / flops:.0f}% of the FLOPs; "
+          f"sampling a batch's masks takes {mask_ms:.1f} ms")
     if args.compile:
         print(f"compiled: {seconds['eager'] / seconds['compiled']:.2f}x the eager step; its first "
               f"step (compilation) took {first_step['compiled']:.0f} s")
@@ -1152,7 +1218,8 @@ def parse_args(argv=None):
 
 
 def with_defaults(args):
-    """Fill every option not given with the demo's defaults (no --data) or the published ones."""
+    """Fill every option not given from a recipe: DEMO without --data, else PRETRAIN (which
+    --benchmark always uses)."""
     recipe = DEMO if args.data is None and not args.benchmark else PRETRAIN
     for key, value in recipe.items():
         if getattr(args, key) is None:
@@ -1161,7 +1228,7 @@ def with_defaults(args):
     return args
 
 
-def check_masks_fit(H, W, target_scale, min_keep, target_aspect=(0.75, 1.5)):
+def check_masks_fit(H, W, target_scale, min_keep, target_aspect=TARGET_ASPECT):
     """Raise CliError unless every target block has >= min_keep patches and the context keeps
     >= min_keep patches at least when the targets overlap: then sample_masks always succeeds.
     (The number of targets and the context's scale can't break that: blocks may overlap, and
@@ -1182,6 +1249,9 @@ def check_masks_fit(H, W, target_scale, min_keep, target_aspect=(0.75, 1.5)):
 
 def check_args(args):
     """One-line errors for settings that cannot work, before anything runs."""
+    if args.data is None and not args.benchmark and args.img_size != 28:
+        raise CliError(f"--img-size {args.img_size}: the demo set's images are 28 x 28 px; give "
+                       "--data for other sizes")
     if args.img_size % args.patch_size:
         raise CliError(f"--img-size {args.img_size} is not a multiple of the patch size "
                        f"{args.patch_size}")
@@ -1206,8 +1276,9 @@ def check_args(args):
 def main(argv=None):
     args = parse_args(argv)
     try:
-        if args.probe_only:  # the architecture, and by default the data and features, come from
-            ckpt = load_checkpoint(args.probe_only)  # the checkpoint
+        if args.probe_only:
+            # the architecture, and by default the data and features, come from the checkpoint
+            ckpt = load_checkpoint(args.probe_only)
             for key in ARCH_KEYS:
                 setattr(args, key, ckpt["args"][key])
             args.data = args.data or ckpt["args"].get("data")

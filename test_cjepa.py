@@ -550,6 +550,7 @@ def test_clear_errors_for_bad_input(tmp_path, capsys):
     assert_one_line_error(*run_main(["--data", data, *TINY, *out, "--probe-blocks", "5"], capsys), "between 1 and the depth 4")
     assert_one_line_error(*run_main(["--data", data, *TINY, *out, "--n-targets", "0"], capsys), "at least 1")
     assert_one_line_error(*run_main(["--data", data, *TINY, *out, "--device", "tpu"], capsys), "expected cpu")
+    assert_one_line_error(*run_main([*out, "--img-size", "32"], capsys), "the demo set's images are 28 x 28")
     not_ckpt = tmp_path / "notes.txt"
     not_ckpt.write_text("hello")
     assert_one_line_error(*run_main(["--data", data, *TINY, *out, "--resume", str(not_ckpt)], capsys), "is not a checkpoint")
@@ -674,6 +675,19 @@ def test_benchmark_prints_its_table(capsys):
     assert "| compiled" not in out  # only with --compile
     eager = [line for line in out.splitlines() if line.startswith("| eager")][0].split("|")
     assert float(eager[2]) > 0 and float(eager[5]) > 0  # images/s and GFLOP/image
+    assert "MFU on a CPU: of its fp32 matrix-product peak" in out
+    assert 0 < float(eager[6].strip().rstrip("%")) < 150  # the share of the CPU's own matmul peak
+
+
+def test_mfu_peak_follows_the_gpu_name():
+    names = {"NVIDIA H100 80GB HBM3": 989e12, "NVIDIA H100 PCIe": 756e12, "NVIDIA H100 NVL": 835e12,
+             "NVIDIA H200": 989e12, "NVIDIA H200 NVL": 835e12, "NVIDIA A100-SXM4-80GB": 312e12,
+             "NVIDIA A100-PCIE-40GB": 312e12, "NVIDIA A100 80GB PCIe": 312e12, "NVIDIA L40S": 362e12,
+             "NVIDIA L40": 181e12, "NVIDIA L4": 121e12, "Tesla V100-PCIE-32GB": 112e12,
+             "Tesla V100-SXM2-16GB": 125e12, "Tesla T4": 65e12, "NVIDIA B200": 2250e12}
+    for name, peak in names.items():
+        assert cjepa.gpu_peak(name)[1] == peak, name
+    assert cjepa.gpu_peak("NVIDIA GeForce RTX 4090") is None  # no data-centre peak: no MFU
 
 
 def test_compiled_blocks_train_like_eager_ones(capsys):
