@@ -391,7 +391,8 @@ def ema_update(target, online, m):
 def variance_covariance(c):
     """VICReg's variance and covariance terms of c [n, D], in fp32."""
     n, D = c.shape
-    with torch.autocast(c.device.type, enabled=False):  # autocast would run c.T @ c in bf16
+    autocast_device = "cuda" if c.is_cuda else "cpu"
+    with torch.autocast(autocast_device, enabled=False):  # autocast would run c.T @ c in bf16
         c = c.float() - c.float().mean(dim=0)
         std = torch.sqrt(c.var(dim=0) + 1e-4)
         l_std = F.relu(1 - std).mean()  # hinge: every feature should vary across the batch

@@ -1,5 +1,6 @@
 """Tests for cjepa.py: each piece against a simple reference, then the whole training path.
 Run: python -m pytest -q test_cjepa.py   (CPU, a few minutes on 2 cores)"""
+import contextlib
 import glob
 import json
 import math
@@ -12,6 +13,7 @@ import subprocess
 import sys
 import time
 from contextlib import nullcontext
+from unittest import mock
 
 import numpy as np
 import pytest
@@ -363,6 +365,139 @@ def test_mixed_precision_step_matches_fp32(precision):
         assert stats[precision][key].dtype == torch.float32
         torch.testing.assert_close(stats[precision][key], stats["fp32"][key], rtol=2e-2, atol=1e-3)
     assert all(torch.isfinite(p).all() for p in run["encoder"].parameters())
+
+
+# ------------------------------------------------------------------------------- the CUDA path, without a GPU
+# No machine of this project has a GPU. These tests run the CUDA code path on fake CUDA tensors
+# (shapes, dtypes and devices, no values) and DDP on the meta device with a fake process group.
+# They use torch internals: where a torch release has moved them, the tests skip with the reason.
+def fake_cuda_mode():
+    fake_tensor = pytest.importorskip("torch._subclasses.fake_tensor")
+    from torch.cuda.amp import common
+    if not hasattr(common, "amp_definitely_not_available"):
+        pytest.skip("torch.cuda.amp.common.amp_definitely_not_available is gone")
+    return fake_tensor.FakeTensorMode(allow_non_fake_inputs=True)
+
+
+@contextlib.contextmanager
+def cuda_amp_allowed():
+    """autocast("cuda") and GradScaler("cuda") switch themselves off without a GPU: not here."""
+    with mock.patch("torch.cuda.amp.common.amp_definitely_not_available", return_value=False), \
+            mock.patch("torch.cuda.is_bf16_supported", return_value=True):
+        yield
+
+
+def backward_by_hand(run):
+    """No backward runs on fake CUDA tensors: give every trained parameter a gradient instead."""
+    def backward(loss, *args, **kwargs):
+        for group in run["opt"].param_groups:
+            for p in group["params"]:
+                p.grad = torch.full_like(p, 1e-3)
+    return backward
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_cuda_step_on_fake_tensors(precision):
+    """The loss and one whole train_step on fake CUDA: autocast's dtypes, fused AdamW, the
+    GradScaler (fp16), clipping and the EMA, with no tensor left on (or brought back to) the CPU."""
+    args = tiny_args("--vicreg", "0.01", "--clip", "1")
+    args.precision = precision
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+    ctx, tgt = cjepa.sample_masks(8, 7, 7, torch.Generator().manual_seed(0), min_keep=4)
+    images = torch.randn(8, 3, 28, 28)
+    torch.manual_seed(0)
+    cpu_run = cjepa.build_run(args, torch.device("cpu"), nullcontext())
+    cuda = torch.device("cuda")
+    with fake_cuda_mode():
+        run = dict(cpu_run)
+        for key in ("encoder", "predictor", "target_encoder"):
+            run[key] = cpu_run[key].to(cuda)
+        with cuda_amp_allowed():
+            run["autocast"] = torch.autocast("cuda", dtype=dtype)
+            run["opt"] = cjepa.make_optimizer([run["encoder"], run["predictor"]], args, cuda)
+            run["scaler"] = torch.amp.GradScaler("cuda", enabled=precision == "fp16")
+            assert run["opt"].defaults["fused"] and run["scaler"].is_enabled() == (precision == "fp16")
+            with run["autocast"]:  # steps 2-4 of train_step, to see the tensors
+                h = cjepa.target_features(run["target_encoder"], images.to(cuda))
+                z = run["encoder"](images.to(cuda), ctx.to(cuda))
+                p = run["predictor"](z, ctx.to(cuda), tgt.to(cuda))
+                loss, terms = cjepa.cjepa_loss(p, cjepa.gather_tokens(h, tgt.to(cuda)), z, args)
+            assert p.dtype == dtype and p.device.type == "cuda"  # the predictor's matmuls in half precision
+            assert loss.dtype == torch.float32 and loss.device.type == "cuda"
+            # the whole step; a fake tensor has no value to test for NaN
+            with mock.patch.object(torch.Tensor, "backward", backward_by_hand(run)), \
+                    mock.patch.object(cjepa, "all_finite", lambda loss: True):
+                terms, target_means = cjepa.train_step(run, images, ctx, tgt, 1e-3, 0.04, 0.9, args)
+        assert all(v.dtype == torch.float32 and v.device.type == "cuda" for v in terms.values())
+        assert target_means.shape == (8, 128) and target_means.device.type == "cuda"
+        first = next(run["encoder"].parameters())
+        assert run["opt"].state[first]["exp_avg"].device.type == "cuda"  # AdamW stepped on the GPU
+        assert all(p.device.type == "cuda" for p in run["target_encoder"].parameters())
+
+
+def test_probe_features_on_fake_cuda_come_back_to_host_memory():
+    args = tiny_args()
+    torch.manual_seed(0)
+    encoder = cjepa.make_encoder(args)
+    data = cjepa.DemoImages("test", augment=False)
+    subset = torch.utils.data.Subset(data, range(300))
+    batches = list(torch.utils.data.DataLoader(subset, batch_size=256))  # (a loader draws a seed: not
+    with fake_cuda_mode():                                                # on fake tensors)
+        encoder = encoder.to("cuda")
+        with cuda_amp_allowed(), mock.patch.object(torch.utils.data, "DataLoader", lambda *a, **k: batches):
+            autocast = torch.autocast("cuda", dtype=torch.bfloat16)
+            x, y = cjepa.extract_features(lambda images: cjepa.probe_features(encoder, images, 2),
+                                          subset, torch.device("cuda"), autocast, 0)
+    assert x.shape == (300, 2 * 128) and x.dtype == torch.float32 and x.device.type == "cpu"
+    assert y.shape == (300,) and y.device.type == "cpu"
+
+
+def test_ddp_step_on_the_meta_device_with_a_fake_process_group():
+    """The whole train_step under DDP with 2 ranks: VICReg's gather and its backward, DDP's
+    gradient buckets, clipping, AdamW and the EMA, on meta tensors (shapes only)."""
+    fake_pg = pytest.importorskip("torch.testing._internal.distributed.fake_pg")
+    import torch.distributed as dist
+    args = tiny_args("--vicreg", "0.01", "--clip", "1")
+    meta = torch.device("meta")
+    seen = {}
+    real_vc, real_backward = cjepa.variance_covariance, cjepa.GatherBatch.backward
+
+    def variance_covariance(c):
+        seen["statistics of"] = c.shape
+        return real_vc(c)
+
+    def gather_backward(ctx, grad):
+        seen["gather backward"] = grad.shape
+        return real_backward(ctx, grad)
+
+    def allreduce_hook(state, bucket):  # DDP's gradient all-reduce (the fake group's future is empty)
+        dist.all_reduce(bucket.buffer())
+        seen["buckets"] = seen.get("buckets", 0) + 1
+        done = torch.futures.Future()
+        done.set_result(bucket.buffer())
+        return done
+
+    dist.init_process_group("fake", store=fake_pg.FakeStore(), rank=0, world_size=2)
+    try:
+        torch.manual_seed(0)
+        run = cjepa.build_run(args, meta, nullcontext())
+        # (DDP's start-up check of the shapes reads values, which meta tensors have not)
+        with mock.patch("torch.nn.parallel.distributed._verify_param_shape_across_processes"):
+            cjepa.wrap_ddp(run, meta)
+        for key in ("encoder", "predictor"):
+            run[key].register_comm_hook(None, allreduce_hook)
+        ctx, tgt = cjepa.sample_masks(8, 7, 7, torch.Generator().manual_seed(0), min_keep=4)
+        with mock.patch.object(cjepa, "variance_covariance", variance_covariance), \
+                mock.patch.object(cjepa.GatherBatch, "backward", staticmethod(gather_backward)), \
+                mock.patch.object(cjepa, "all_finite", lambda loss: True):
+            terms, _ = cjepa.train_step(run, torch.randn(8, 3, 28, 28), ctx, tgt, 1e-3, 0.04, 0.9, args)
+    finally:
+        dist.destroy_process_group()
+    assert seen["statistics of"] == (16, 128)  # the global batch: 2 ranks x 8 images
+    assert seen["gather backward"] == (16, 128) and seen["buckets"] >= 2
+    assert all(v.device.type == "meta" for v in terms.values())
+    first = next(run["encoder"].parameters())
+    assert run["opt"].state[first]["exp_avg"].device.type == "meta"
 
 
 # ------------------------------------------------------------------------------- 8. the training loop
