@@ -37,9 +37,11 @@ then the machinery that runs it:
 """
 import argparse
 import copy
+import hashlib
 import json
 import math
 import os
+import signal
 import sys
 import time
 from collections import OrderedDict
@@ -86,6 +88,7 @@ PRETRAIN = dict(
     probe_epochs=20,  # epochs of the linear probe's head; 0 skips the probe
     workers=min(8, os.cpu_count() or 1),  # data-loading processes per GPU
     out="runs/pretrain",  # the run folder
+    save_every=30.0,  # minutes between checkpoints within an epoch (an epoch can take hours)
 )
 # With no --data: the demo, Fashion-MNIST at 28 px (a 7 x 7 patch grid) on a CPU in minutes.
 # The model size, epochs, batch, schedules and beta_vicreg were chosen by measurement (README,
@@ -107,6 +110,7 @@ DEMO = PRETRAIN | dict(
     probe_epochs=30,
     workers=0,  # the demo set is in memory: workers would only add start-up time
     out="runs/demo",
+    save_every=0.0,  # an epoch takes half a minute: a checkpoint after each is enough
 )
 
 # =============================================================================================
@@ -552,6 +556,54 @@ class SafeImageFolder(datasets.ImageFolder):
         raise CliError(f"no readable image in {self.root}")
 
 
+def seed_of(*keys):
+    """A 63-bit seed from a hash of the keys, e.g. (seed, epoch, rank, batch)."""
+    digest = hashlib.sha256(repr(keys).encode()).digest()
+    return int.from_bytes(digest[:8], "little") >> 1
+
+
+class EpochBatches(torch.utils.data.Dataset):
+    """Item b is batch b of an epoch on this rank: its images, labels and masks. Everything random
+    in it (which images, their crops and flips, the masks) is drawn from (seed, epoch, rank, b)
+    alone, so a batch does not depend on the number of loader workers nor on the step a run
+    resumed from. The masks are drawn here, in the loader's workers (as the official code does in
+    its collate function): the training process does no mask work between steps."""
+
+    def __init__(self, dataset, args, rank, world):
+        self.dataset, self.args, self.rank = dataset, args, rank
+        self.per_rank = len(dataset) // (args.batch_size * world)  # whole global batches only
+        self.world, self.epoch = world, 0
+
+    def __len__(self):
+        return self.per_rank
+
+    def set_epoch(self, epoch):
+        """The epoch's order: one permutation, the same on every rank; rank r takes every
+        world-th image of it."""
+        self.epoch = epoch
+        gen = torch.Generator().manual_seed(seed_of(self.args.seed, epoch))
+        order = torch.randperm(len(self.dataset), generator=gen)
+        used = order[:self.per_rank * self.args.batch_size * self.world]
+        self.order = used[self.rank::self.world].view(self.per_rank, self.args.batch_size)
+
+    def __getitem__(self, b):
+        seed = seed_of(self.args.seed, self.epoch, self.rank, b)
+        torch.manual_seed(seed)  # the crops and flips (in this worker process)
+        images, labels = torch.utils.data.default_collate(
+            [self.dataset[i] for i in self.order[b].tolist()])
+        grid = self.args.img_size // self.args.patch_size
+        gen = torch.Generator().manual_seed(seed)
+        ctx_idx, tgt_idx = sample_masks(len(images), grid, grid, gen, **mask_config(self.args))
+        return images, labels, ctx_idx, tgt_idx
+
+
+def ignore_stop_signals(worker_id):
+    """A loader worker leaves SIGTERM, SIGUSR1 and SIGINT to the training process, which stops
+    cleanly after its step (section 9); a worker killed by one would crash the run instead."""
+    for signum in STOP_SIGNALS:
+        signal.signal(signum, signal.SIG_IGN)
+
+
 def make_dataset(args, split, augment):
     """split 'train' or 'val'. augment: the pretraining augmentation (RandomResizedCrop; on the
     demo set, horizontal flips), else a center crop."""
@@ -694,24 +746,40 @@ TRAIN_KEYS = ("data", "epochs", "batch_size", "lr", "start_lr", "final_lr", "war
               "context_scale", "min_keep", "clip", "seed")
 
 
-def save_checkpoint(path, run, epoch, args, **extra):
+def save_checkpoint(path, run, epoch, args, step=0, progress=None, last_log_line=None):
+    """epoch: the epochs done; step: the batches done of the next one (mid-epoch saves), with
+    progress, that epoch's log so far; last_log_line: the log line of an epoch just ended."""
     ckpt = dict(encoder=unwrap(run["encoder"]).state_dict(),
                 predictor=unwrap(run["predictor"]).state_dict(),
                 target_encoder=run["target_encoder"].state_dict(),
                 opt=run["opt"].state_dict(), scaler=run["scaler"].state_dict(),
-                epoch=epoch, args=vars(args), **extra)
-    atomic_save(ckpt, path)
+                epoch=epoch, step=step, args=vars(args))
+    if progress is not None:
+        ckpt["progress"] = progress
+    if last_log_line is not None:
+        ckpt["last_log_line"] = last_log_line
+    try:
+        atomic_save(ckpt, path)
+    except OSError as e:  # a full disk, a folder made read-only, ...
+        previous = "the previous one is intact" if os.path.exists(path) else "there is none yet"
+        raise CliError(f"could not write the checkpoint {path} ({e.strerror or e}); "
+                       f"{previous}") from None
 
 
 def atomic_save(obj, path):
     """Write a temporary file, flush it to disk, then rename it over `path`: a crash never
-    leaves a broken checkpoint."""
+    leaves a broken checkpoint, and a failed write leaves the old one and no temporary file."""
     tmp = path + ".tmp"
-    with open(tmp, "wb") as f:
-        torch.save(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)  # atomic on POSIX: readers see the old file or the new one
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)  # atomic on POSIX: readers see the old file or the new one
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
 
 
 def read_checkpoint(path):
@@ -757,7 +825,8 @@ def load_checkpoint(path, args=None):
 
 
 def resume(run, ckpt):
-    """Restore a run from a checkpoint; returns the epoch to start from."""
+    """Restore a run from a checkpoint; returns (epochs done, batches done of the next epoch,
+    that epoch's log so far or None)."""
     unwrap(run["encoder"]).load_state_dict(ckpt["encoder"])
     unwrap(run["predictor"]).load_state_dict(ckpt["predictor"])
     run["target_encoder"].load_state_dict(ckpt["target_encoder"])
@@ -767,7 +836,7 @@ def resume(run, ckpt):
     run["opt"].load_state_dict(ckpt["opt"])
     if ckpt["scaler"]:  # empty unless the run used fp16
         run["scaler"].load_state_dict(ckpt["scaler"])
-    return ckpt["epoch"]
+    return ckpt["epoch"], ckpt.get("step", 0), ckpt.get("progress")
 
 
 # =============================================================================================
@@ -789,51 +858,133 @@ def collapse_monitors(pooled):
     return x.std(dim=0).mean().item(), erank.item()
 
 
-def train_epoch(run, loader, epoch, args, rank, world):
-    """One pass over the data; returns the epoch's log line (a dict): the loss terms averaged
-    over the steps and the ranks, the last step's schedules, and rank 0's collapse monitors."""
-    iters = len(loader)
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
+
+
+class Interrupted(Exception):
+    """A stop signal came; the run saved its checkpoint after the step it was in."""
+
+    def __init__(self, message, signum):
+        super().__init__(message)
+        self.signum = signum
+
+
+class StopRequests:
+    """SIGTERM, SIGUSR1 (a cluster's notice of preemption) and SIGINT (Ctrl-C) ask the run to
+    finish its step, save and exit; --save-every asks for a save every so many minutes."""
+
+    def __init__(self, save_every):
+        self.signum, self.save_every, self.last_save = None, save_every, time.time()
+        self.previous = {signum: signal.signal(signum, self.catch) for signum in STOP_SIGNALS}
+
+    def catch(self, signum, frame):
+        # A second Ctrl-C stops at once. (Under torchrun, a repeated signal is torchrun passing
+        # on the first one: it is ignored.)
+        if self.signum == signum == signal.SIGINT and "RANK" not in os.environ:
+            print("\nsecond Ctrl-C: stopping now, without saving", file=sys.stderr)
+            os._exit(130)
+        self.signum = self.signum or signum
+
+    def restore(self):
+        for signum, handler in self.previous.items():
+            signal.signal(signum, handler)
+
+    def poll(self, device):
+        """After a step: (the stop signal or 0, whether a timed save is due), agreed by every rank
+        so that they all stop, or save, after the same step."""
+        due = self.save_every > 0 and time.time() - self.last_save >= 60 * self.save_every
+        flags = torch.tensor([self.signum or 0, int(due)], device=device)
+        if dist.is_available() and dist.is_initialized():
+            dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+        return int(flags[0]), bool(flags[1])
+
+
+def train_epoch(run, batches, epoch, args, rank, world, device, stops, ckpt_path, progress=None):
+    """One pass over the data, from the step that `progress` (a resumed run's) reached. Saves
+    mid-epoch when --save-every says so, or when a stop signal came (then raises Interrupted).
+    Returns the epoch's log line."""
+    iters = len(batches)
     total, warmup_steps = iters * args.epochs, round(args.warmup * iters)
-    grid = args.img_size // args.patch_size
-    # Every epoch's randomness (crops, masks, data order) is seeded from (seed, epoch, rank), so a
-    # resumed run draws exactly what the uninterrupted run would have.
-    seed = args.seed + 1000 * epoch + rank
-    torch.manual_seed(seed)
-    gen = torch.Generator().manual_seed(seed)
-    if isinstance(loader.sampler, torch.utils.data.DistributedSampler):
-        loader.sampler.set_epoch(epoch)
-    sums, pooled, t0 = 0, [], time.time()
-    bar = tqdm(loader, desc=f"epoch {epoch + 1}/{args.epochs}", disable=rank != 0, leave=False,
-               dynamic_ncols=True)
-    for i, (images, _) in enumerate(bar):
-        lr, wd, m = schedules(epoch * iters + i, total, warmup_steps, args)
-        ctx_idx, tgt_idx = sample_masks(len(images), grid, grid, gen, **mask_config(args))
-        try:
-            terms, target_means = train_step(run, images, ctx_idx, tgt_idx, lr, wd, m, args)
-        except FloatingPointError as e:
-            ckpt = os.path.join(args.out, "checkpoint.pt")
-            last = ckpt if os.path.exists(ckpt) else "none yet"
-            raise CliError(f"{e} at epoch {epoch + 1}, step {i + 1}: stopped before any weight "
-                           f"changed; last good checkpoint: {last}. Lower --lr, or try "
-                           "--precision fp32") from None
-        if len(pooled) * len(target_means) < 2048:  # enough for the collapse monitors
-            pooled.append(target_means)
-        names = list(terms)
-        sums = sums + torch.stack([terms[k] for k in names])  # summed on the device: no sync
-        if i % 10 == 0:
-            bar.set_postfix(loss=f"{terms['loss'].item():.4f}", lr=f"{lr:.1e}")
-    means = sums / iters
+    progress = progress or dict(step=0, sums=0, pooled=[], seconds=0.0)
+    batches.set_epoch(epoch)
+    loader = torch.utils.data.DataLoader(batches, batch_size=None,
+                                         sampler=range(progress["step"], iters),
+                                         num_workers=args.workers, pin_memory=device.type == "cuda",
+                                         worker_init_fn=ignore_stop_signals)
+    t0 = time.time()
+    bar = tqdm(total=iters, initial=progress["step"], desc=f"epoch {epoch + 1}/{args.epochs}",
+               disable=rank != 0, leave=False, dynamic_ncols=True)
+    with bar:  # closed (and cleared) however the loop ends
+        for i, (images, _, ctx_idx, tgt_idx) in enumerate(loader, start=progress["step"]):
+            lr, wd, m = schedules(epoch * iters + i, total, warmup_steps, args)
+            try:
+                terms, target_means = train_step(run, images, ctx_idx, tgt_idx, lr, wd, m, args)
+            except FloatingPointError as e:
+                last = ckpt_path if os.path.exists(ckpt_path) else "none yet"
+                raise CliError(f"{e} at epoch {epoch + 1}, step {i + 1}: stopped before any "
+                               f"weight changed; last good checkpoint: {last}. Lower --lr, or "
+                               "try --precision fp32") from None
+            record(progress, terms, target_means)
+            bar.update()
+            if i % 10 == 0:
+                bar.set_postfix(loss=f"{terms['loss'].item():.4f}", lr=f"{lr:.1e}")
+            signum, save_due = stops.poll(device)
+            if signum or save_due:
+                if rank == 0:
+                    so_far = dict(progress, seconds=progress["seconds"] + time.time() - t0)
+                    save_checkpoint(ckpt_path, run, epoch, args, step=i + 1, progress=so_far)
+                stops.last_save = time.time()
+            if signum:
+                if world > 1:
+                    dist.barrier()  # no rank exits before rank 0 has saved
+                name = signal.Signals(signum).name
+                raise Interrupted(f"stopped by {name} at epoch {epoch + 1}, step {i + 1}; "
+                                  f"continue with the same command and --resume {ckpt_path}",
+                                  signum)
+    seconds = progress["seconds"] + time.time() - t0
+    return log_line(progress, epoch, iters, seconds, args, world)
+
+
+def record(progress, terms, target_means):
+    """Add a step's loss terms to the epoch's sums (on the device: no host sync) and keep its
+    target features for the collapse monitors, up to 2048 of them."""
+    progress["step"] += 1
+    progress["names"] = list(terms)
+    progress["sums"] = progress["sums"] + torch.stack(list(terms.values()))
+    if sum(len(p) for p in progress["pooled"]) < 2048:
+        progress["pooled"].append(target_means.cpu())
+
+
+def log_line(progress, epoch, iters, seconds, args, world):
+    """The epoch's log line: the loss terms averaged over the steps and the ranks, the schedules
+    of its last step, and the collapse monitors of rank 0's target features."""
+    means = progress["sums"] / iters
     if world > 1:
         dist.all_reduce(means)
         means /= world
-    feat_std, erank = collapse_monitors(torch.cat(pooled))
-    seconds = time.time() - t0
+    feat_std, erank = collapse_monitors(torch.cat(progress["pooled"]))
+    lr, wd, m = schedules((epoch + 1) * iters - 1, iters * args.epochs,
+                          round(args.warmup * iters), args)
     line = dict(epoch=epoch + 1)
-    line.update({k: round(v, 6) for k, v in zip(names, means.tolist())})
+    line.update({k: round(v, 6) for k, v in zip(progress["names"], means.tolist())})
     line.update(lr=lr, wd=wd, momentum=m, feat_std=round(feat_std, 4), erank=round(erank, 2))
-    line.update(img_per_s=round(iters * len(images) * world / seconds, 1),
+    line.update(img_per_s=round(iters * args.batch_size * world / seconds, 1),
                 minutes=round(seconds / 60, 2))
     return line
+
+
+def sync_log(path, ckpt):
+    """log.jsonl as of a checkpoint: no epoch after it (a resume from an older checkpoint), and
+    its last epoch's line if a crash came between saving the checkpoint and writing the log."""
+    lines = []
+    if os.path.exists(path):
+        with open(path) as f:
+            lines = [line for line in f if json.loads(line)["epoch"] <= ckpt["epoch"]]
+    last = ckpt.get("last_log_line")
+    if last and (not lines or json.loads(lines[-1])["epoch"] < last["epoch"]):
+        lines.append(json.dumps(last) + "\n")
+    with open(path, "w") as f:
+        f.writelines(lines)
 
 
 def pretrain(args, rank, world, device, autocast):
@@ -842,42 +993,49 @@ def pretrain(args, rank, world, device, autocast):
     if len(train_set) < args.batch_size * world:
         raise CliError(f"{len(train_set)} training images are fewer than one global batch "
                        f"({args.batch_size} x {world} processes): lower --batch-size")
-    sampler = None
-    if world > 1:
-        sampler = torch.utils.data.DistributedSampler(train_set, world, rank, seed=args.seed,
-                                                      drop_last=True)
-    loader = torch.utils.data.DataLoader(train_set, args.batch_size, shuffle=sampler is None,
-                                         sampler=sampler, num_workers=args.workers,
-                                         pin_memory=device.type == "cuda", drop_last=True)
+    batches = EpochBatches(train_set, args, rank, world)
     run = build_run(args, device, autocast)
     if args.compile:
         compile_blocks(run)
-    start = resume(run, load_checkpoint(args.resume, args)) if args.resume else 0
+    start, step, progress = 0, 0, None
+    ckpt_path = os.path.join(args.out, "checkpoint.pt")
+    log_path = os.path.join(args.out, "log.jsonl")
+    if args.resume:
+        ckpt = load_checkpoint(args.resume, args)
+        start, step, progress = resume(run, ckpt)
     # A folder with no readable image fails here, in one line, not inside a loader worker. (After
     # the weights' init, so that the random crop it draws does not change the initial weights.)
     train_set[0]
     if world > 1:
         wrap_ddp(run, device)
-    ckpt_path = os.path.join(args.out, "checkpoint.pt")
     if master:
-        os.makedirs(args.out, exist_ok=True)
+        make_run_folder(args.out)
+        if args.resume:
+            sync_log(log_path, ckpt)
         n_params = sum(p.numel() for p in unwrap(run["encoder"]).parameters()) / 1e6
+        at = f", from step {step + 1}" if step else ""
         print(f"C-JEPA {args.arch} ({n_params:.1f}M params), {len(train_set)} images, {world} "
-              f"process(es) on {device}, {args.precision}, epochs {start + 1}-{args.epochs}, "
+              f"process(es) on {device}, {args.precision}, epochs {start + 1}-{args.epochs}{at}, "
               f"run folder {args.out}")
     # --stop-after: stop early (e.g. for a job's time limit); --resume continues
     last_epoch = min(args.epochs, args.stop_after or args.epochs)
+    stops = StopRequests(args.save_every)
     epoch = start
-    while epoch < last_epoch:
-        line = train_epoch(run, loader, epoch, args, rank, world)
-        epoch += 1
-        # save before logging: a crash between the two would log an epoch that --resume reruns
-        if master:
-            save_checkpoint(ckpt_path, run, epoch, args)
-            with open(os.path.join(args.out, "log.jsonl"), "a") as f:
-                f.write(json.dumps(line) + "\n")
-            tqdm.write(" ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
-                                for k, v in line.items()))
+    try:
+        while epoch < last_epoch:
+            resumed = progress if epoch == start else None
+            line = train_epoch(run, batches, epoch, args, rank, world, device, stops, ckpt_path,
+                               resumed)
+            epoch += 1
+            if master:  # save, then log; the checkpoint holds the line too (sync_log)
+                save_checkpoint(ckpt_path, run, epoch, args, last_log_line=line)
+                with open(log_path, "a") as f:
+                    f.write(json.dumps(line) + "\n")
+                tqdm.write(" ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
+                                    for k, v in line.items()))
+            stops.last_save = time.time()
+    finally:
+        stops.restore()
     if dist.is_initialized():
         dist.destroy_process_group()
     if master and epoch > start:
@@ -885,6 +1043,15 @@ def pretrain(args, rank, world, device, autocast):
     if master and epoch == args.epochs and args.probe_epochs > 0:
         run_probe(run["target_encoder"], args, device, autocast, ckpt_path)
     return run
+
+
+def make_run_folder(out):
+    try:
+        os.makedirs(out, exist_ok=True)
+    except OSError as e:
+        raise CliError(f"cannot make the run folder --out {out}: {e.strerror or e}") from None
+    if not os.access(out, os.W_OK):
+        raise CliError(f"the run folder --out {out} is not writable")
 
 
 def plot_curves(out):
@@ -1197,6 +1364,8 @@ def parse_args(argv=None):
     p.add_argument("--probe-epochs", type=int, help="0: no probe")
     p.add_argument("--out", help="run folder: checkpoint.pt, log.jsonl, curves.png, probe.json")
     p.add_argument("--resume", metavar="CKPT", help="continue a run from its checkpoint")
+    p.add_argument("--save-every", type=float, metavar="MINUTES",
+                   help="also save the checkpoint within an epoch this often (0: off)")
     p.add_argument("--stop-after", type=int, metavar="EPOCH",
                    help="stop after this epoch; --resume continues")
     p.add_argument("--probe-only", metavar="CKPT", help="only run the linear probe of a checkpoint")
@@ -1269,6 +1438,8 @@ def check_args(args):
         raise CliError(f"--batch-size {args.batch_size} (per process) must be at least 2")
     if args.workers < 0:
         raise CliError("--workers must be 0 or more")
+    if args.save_every < 0:
+        raise CliError("--save-every must be 0 (off) or more minutes")
     if not args.probe_only:
         grid = args.img_size // args.patch_size
         check_masks_fit(grid, grid, args.target_scale, args.min_keep)
@@ -1300,6 +1471,12 @@ def main(argv=None):
     except CliError as e:
         print(f"cjepa.py: error: {e}", file=sys.stderr)
         sys.exit(2)
+    except Interrupted as e:  # non-zero, so that a scheduler requeues the job
+        if int(os.environ.get("RANK", 0)) == 0:
+            print(f"cjepa.py: {e}", file=sys.stderr)
+        if dist.is_initialized():
+            dist.destroy_process_group()
+        sys.exit(128 + e.signum)
 
 
 if __name__ == "__main__":

@@ -537,7 +537,7 @@ def test_checkpoint_round_trip(tmp_path):
     cjepa.save_checkpoint(path, run, 3, args)
     assert not os.path.exists(path + ".tmp")
     fresh = cjepa.build_run(args, torch.device("cpu"), nullcontext())
-    assert cjepa.resume(fresh, cjepa.load_checkpoint(path, args)) == 3
+    assert cjepa.resume(fresh, cjepa.load_checkpoint(path, args)) == (3, 0, None)
     for key in ("encoder", "predictor", "target_encoder"):
         for (k, a), b in zip(run[key].state_dict().items(), fresh[key].state_dict().values()):
             assert torch.equal(a, b), k
@@ -566,23 +566,151 @@ def test_resume_keeps_this_machines_adamw_implementation(tmp_path):
     torch.testing.assert_close(weights[True], weights[False])
 
 
-def test_resume_ends_with_the_same_weights(tmp_path, capsys):
-    data = write_image_folder(str(tmp_path / "data"))
-    whole = str(tmp_path / "whole")
-    assert run_main(["--data", data, "--out", whole, *TINY, "--epochs", "3"], capsys)[0] == 0
-    a = torch.load(os.path.join(whole, "checkpoint.pt"), weights_only=True)
-    # interrupted: a 3-epoch run stops after epoch 1, then resumes from its checkpoint
-    first = str(tmp_path / "first")
-    assert run_main(["--data", data, "--out", first, *TINY, "--epochs", "3", "--stop-after", "1"], capsys)[0] == 0
-    assert torch.load(os.path.join(first, "checkpoint.pt"), weights_only=True)["epoch"] == 1
-    assert run_main(["--data", data, "--out", first, *TINY, "--epochs", "3", "--resume", os.path.join(first, "checkpoint.pt")], capsys)[0] == 0
-    b = torch.load(os.path.join(first, "checkpoint.pt"), weights_only=True)
-    assert b["epoch"] == 3
+def assert_same_run(a, b):
+    """Two checkpoints hold the same weights, bit for bit, after the same number of AdamW steps."""
     for key in ("encoder", "predictor", "target_encoder"):
         for k in a[key]:
-            torch.testing.assert_close(a[key][k], b[key][k], atol=1e-6, rtol=1e-5, msg=f"{key}.{k}")
+            assert torch.equal(a[key][k], b[key][k]), f"{key}.{k}"
     assert a["opt"]["state"][0]["step"] == b["opt"]["state"][0]["step"]
-    assert len(open(os.path.join(first, "log.jsonl")).readlines()) == 3
+
+
+def log_epochs(out):
+    return [json.loads(line)["epoch"] for line in open(os.path.join(out, "log.jsonl"))]
+
+
+def load(out):
+    return torch.load(os.path.join(out, "checkpoint.pt"), weights_only=True)
+
+
+KILL_AFTER_A_TIMED_SAVE = """
+import sys, time, cjepa
+real_step = cjepa.train_step
+def slow_step(*args, **kwargs):  # slow enough for the test to kill it mid-epoch
+    time.sleep(0.3)
+    return real_step(*args, **kwargs)
+cjepa.train_step = slow_step
+cjepa.main(sys.argv[1:])
+"""
+
+
+def test_resume_from_any_step_ends_with_the_same_weights(tmp_path, capsys, monkeypatch):
+    """Stopped after an epoch (--stop-after), by SIGTERM in the middle of an epoch, or killed
+    (SIGKILL) after a timed mid-epoch save: each resumed run ends bit for bit where the
+    uninterrupted one does, and log.jsonl holds every epoch once."""
+    data = write_image_folder(str(tmp_path / "data"))  # 24 images, batch 8: 3 steps an epoch
+    flags = ["--data", data, *TINY, "--epochs", "3"]
+    whole = str(tmp_path / "whole")
+    assert run_main([*flags, "--out", whole], capsys)[0] == 0
+    whole_log = [json.loads(line) for line in open(os.path.join(whole, "log.jsonl"))]
+
+    # 1. --stop-after 1, then --resume
+    first = str(tmp_path / "first")
+    assert run_main([*flags, "--out", first, "--stop-after", "1"], capsys)[0] == 0
+    assert load(first)["epoch"] == 1
+    assert run_main([*flags, "--out", first, "--resume", os.path.join(first, "checkpoint.pt")], capsys)[0] == 0
+    assert_same_run(load(whole), load(first))
+    assert log_epochs(first) == [1, 2, 3]
+
+    # 2. SIGTERM during epoch 2, step 2: the step ends, the checkpoint is saved, exit 128 + 15
+    stopped = str(tmp_path / "stopped")
+    real_step, calls = cjepa.train_step, []
+
+    def step_then_sigterm(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 5:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real_step(*args, **kwargs)
+
+    monkeypatch.setattr(cjepa, "train_step", step_then_sigterm)
+    code, err = run_main([*flags, "--out", stopped], capsys)
+    monkeypatch.setattr(cjepa, "train_step", real_step)
+    assert code == 128 + signal.SIGTERM, err
+    assert "stopped by SIGTERM at epoch 2, step 2" in err and "--resume" in err, err
+    assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL  # handlers restored
+    ckpt = load(stopped)
+    assert (ckpt["epoch"], ckpt["step"]) == (1, 2)
+    assert run_main([*flags, "--out", stopped, "--resume", os.path.join(stopped, "checkpoint.pt")], capsys)[0] == 0
+    assert_same_run(load(whole), load(stopped))  # fails if the resume restarts epoch 2 from its first batch
+    log = [json.loads(line) for line in open(os.path.join(stopped, "log.jsonl"))]
+    assert [line["epoch"] for line in log] == [1, 2, 3]
+    for key in ("loss", "ijepa", "std", "cov", "erank"):  # epoch 2 is the mean over all its steps
+        assert log[1][key] == whole_log[1][key], key
+
+    # 3. SIGKILL after a timed save (--save-every) within an epoch
+    killed = str(tmp_path / "killed")
+    proc = subprocess.Popen([sys.executable, "-c", KILL_AFTER_A_TIMED_SAVE, *flags, "--out", killed,
+                             "--save-every", "0.001"], cwd=HERE, stderr=subprocess.DEVNULL)
+    path, deadline = os.path.join(killed, "checkpoint.pt"), time.time() + 120
+    while time.time() < deadline:
+        if os.path.exists(path) and torch.load(path, weights_only=True)["step"] > 0:
+            break
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    ckpt = load(killed)
+    assert ckpt["step"] > 0  # a mid-epoch save: only the steps after it are lost
+    assert run_main([*flags, "--out", killed, "--resume", path], capsys)[0] == 0
+    assert_same_run(load(whole), load(killed))
+    assert log_epochs(killed) == [1, 2, 3]
+
+
+def test_log_follows_the_checkpoint_on_resume(tmp_path):
+    path = str(tmp_path / "log.jsonl")
+    lines = [dict(epoch=e, loss=1.0 / e) for e in (1, 2, 3)]
+    with open(path, "w") as f:
+        f.writelines(json.dumps(line) + "\n" for line in lines[:1])
+    # a crash between the checkpoint of epoch 2 and its log line: the line comes from the checkpoint
+    cjepa.sync_log(path, dict(epoch=2, step=0, last_log_line=lines[1]))
+    assert [json.loads(line) for line in open(path)] == lines[:2]
+    cjepa.sync_log(path, dict(epoch=2, step=1))  # a mid-epoch checkpoint of epoch 3
+    assert [json.loads(line) for line in open(path)] == lines[:2]
+    with open(path, "a") as f:
+        f.write(json.dumps(lines[2]) + "\n")
+    cjepa.sync_log(path, dict(epoch=1, step=0, last_log_line=lines[0]))  # an older checkpoint
+    assert [json.loads(line) for line in open(path)] == lines[:1]
+
+
+def test_batches_and_masks_do_not_depend_on_the_workers_or_the_start(tmp_path):
+    data = write_image_folder(str(tmp_path / "data"), n_per_class=16)
+    args = tiny_args("--data", data, "--batch-size", "4")
+    batches = cjepa.EpochBatches(cjepa.make_dataset(args, "train", augment=True), args, 0, 1)
+    batches.set_epoch(3)
+    runs = {}
+    for workers, start in ((0, 0), (2, 0), (2, 5)):
+        loader = torch.utils.data.DataLoader(batches, batch_size=None, num_workers=workers,
+                                             sampler=range(start, len(batches)))
+        runs[workers, start] = list(loader)
+    assert len(runs[0, 0]) == 8 and len(runs[2, 5]) == 3
+    for ours, theirs in ((runs[0, 0], runs[2, 0]), (runs[0, 0][5:], runs[2, 5])):
+        for a, b in zip(ours, theirs):  # images (random crops), labels, context and target masks
+            assert all(torch.equal(x, y) for x, y in zip(a, b))
+    first = runs[0, 0]
+    assert not torch.equal(first[0][0], first[1][0]) and first[0][2].shape[0] == 4
+    batches.set_epoch(4)  # another epoch: another order, other crops and masks
+    assert not torch.equal(batches[0][0], first[0][0])
+
+
+def test_a_failed_save_keeps_the_previous_checkpoint(tmp_path, capsys, monkeypatch):
+    data = write_image_folder(str(tmp_path / "data"))
+    out = str(tmp_path / "run")
+    real_save, saves = torch.save, []
+
+    def save_then_disk_full(obj, f, *args, **kwargs):
+        saves.append(1)
+        if len(saves) == 2:
+            f.write(b"half a checkpoint")
+            raise OSError(28, "No space left on device")
+        return real_save(obj, f, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "save", save_then_disk_full)
+    code, err = run_main(["--data", data, "--out", out, *TINY, "--epochs", "3"], capsys)
+    assert_one_line_error(code, err, "could not write the checkpoint", "No space left on device",
+                          "the previous one is intact")
+    assert load(out)["epoch"] == 1 and not os.path.exists(os.path.join(out, "checkpoint.pt.tmp"))
+    assert log_epochs(out) == [1]
+    a_file = tmp_path / "a_file"
+    a_file.write_text("not a folder")
+    assert_one_line_error(*run_main(["--data", data, "--out", str(a_file), *TINY], capsys), "cannot make the run folder")
 
 
 # ------------------------------------------------------------------------------- 7. DDP
@@ -655,6 +783,31 @@ def test_torchrun_two_processes_train_checkpoint_resume_and_probe(tmp_path):
     log = [json.loads(line) for line in open(os.path.join(out, "log.jsonl"))]
     assert [line["epoch"] for line in log] == [1, 2]  # only rank 0 writes
     assert torch.load(os.path.join(out, "checkpoint.pt"), weights_only=True)["epoch"] == 2
+
+
+def test_torchrun_sigterm_stops_every_rank_at_one_step_and_resumes_exactly(tmp_path):
+    data = write_image_folder(str(tmp_path / "data"), n_per_class=24)  # 48 images: 12 steps an epoch
+    flags = ["--data", data, *TINY, "--batch-size", "2", "--epochs", "10"]
+    whole, stopped = str(tmp_path / "whole"), str(tmp_path / "stopped")
+    assert torchrun(*flags, "--out", whole).returncode == 0
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           os.path.join(HERE, "cjepa.py"), *flags, "--out", stopped]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    deadline = time.time() + 120
+    while not os.path.exists(os.path.join(stopped, "log.jsonl")) and time.time() < deadline:
+        time.sleep(0.05)
+    time.sleep(0.3)
+    proc.send_signal(signal.SIGTERM)  # torchrun passes it on to both ranks
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode != 0
+    assert err.count("cjepa.py: stopped by SIGTERM") == 1, err[-3000:]  # rank 0 says where
+    ckpt = load(stopped)
+    assert 1 <= ckpt["epoch"] < 10, "the signal came too late to test a resume"
+    r = torchrun(*flags, "--out", stopped, "--resume", os.path.join(stopped, "checkpoint.pt"))
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert_same_run(load(whole), load(stopped))
+    assert log_epochs(stopped) == list(range(1, 11))
 
 
 # ------------------------------------------------------------------------------- bad input, crashes
