@@ -86,6 +86,7 @@ PRETRAIN = dict(
     clip=0.0,  # gradient-norm clipping; 0 is off
     probe_blocks=1,  # the probe's features: mean patch token of the last N blocks
     probe_epochs=20,  # epochs of the linear probe's head; 0 skips the probe
+    knn_images=5000,  # a k-NN monitor every epoch on this many train and val images; 0 is off
     workers=min(8, os.cpu_count() or 1),  # data-loading processes per GPU
     out="runs/pretrain",  # the run folder
     save_every=30.0,  # minutes between checkpoints within an epoch (an epoch can take hours)
@@ -108,6 +109,7 @@ DEMO = PRETRAIN | dict(
     clip=1.0,
     probe_blocks=4,
     probe_epochs=30,
+    knn_images=1000,  # the whole demo set would cost half as much time as the training
     workers=0,  # the demo set is in memory: workers would only add start-up time
     out="runs/demo",
     save_every=0.0,  # an epoch takes half a minute: a checkpoint after each is enough
@@ -1017,6 +1019,7 @@ def pretrain(args, rank, world, device, autocast):
         print(f"C-JEPA {args.arch} ({n_params:.1f}M params), {len(train_set)} images, {world} "
               f"process(es) on {device}, {args.precision}, epochs {start + 1}-{args.epochs}{at}, "
               f"run folder {args.out}")
+    monitor = knn_sets(args) if master else None
     # --stop-after: stop early (e.g. for a job's time limit); --resume continues
     last_epoch = min(args.epochs, args.stop_after or args.epochs)
     stops = StopRequests(args.save_every)
@@ -1027,6 +1030,10 @@ def pretrain(args, rank, world, device, autocast):
             line = train_epoch(run, batches, epoch, args, rank, world, device, stops, ckpt_path,
                                resumed)
             epoch += 1
+            if monitor:
+                t0 = time.time()
+                line["knn"] = knn_monitor(run["target_encoder"], monitor, args, device, autocast)
+                line["knn_seconds"] = round(time.time() - t0, 1)
             if master:  # save, then log; the checkpoint holds the line too (sync_log)
                 save_checkpoint(ckpt_path, run, epoch, args, last_log_line=line)
                 with open(log_path, "a") as f:
@@ -1061,14 +1068,16 @@ def plot_curves(out):
     import matplotlib.pyplot as plt
     with open(os.path.join(out, "log.jsonl")) as f:
         log = [json.loads(line) for line in f]
-    fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
     panels = {"training loss": ("loss", "ijepa"),
               "per-feature std of the target features": ("feat_std",),
               "effective rank of the target features": ("erank",)}
+    if "knn" in log[-1]:
+        panels["k-NN top-1 % of the target features"] = ("knn",)
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.4 * len(panels), 3.6))
     for ax, (title, keys) in zip(axes, panels.items()):
         for key in keys:
-            ax.plot([line["epoch"] for line in log], [line[key] for line in log], marker=".",
-                    label=key)
+            points = [(line["epoch"], line[key]) for line in log if key in line]
+            ax.plot(*zip(*points), marker=".", label=key)
         ax.set(title=title, xlabel="epoch", yscale="log" if "loss" in keys else "linear")
     axes[0].legend()
     fig.tight_layout()
@@ -1136,6 +1145,53 @@ def train_linear_head(train, val, epochs, device, seed=0):
             predicted = head(x_val[idx].to(device)).argmax(dim=1).cpu()
             correct += (predicted == y_val[idx]).sum().item()
     return 100 * correct / len(x_val)
+
+
+def knn_accuracy(train, val, k=20, temperature=0.07):
+    """Top-1 (%) of a k-nearest-neighbour classifier, as DINO's eval_knn: cosine similarity, and
+    each of the k nearest train features votes for its class with weight exp(similarity / T)."""
+    (x, y), (x_val, y_val) = train, val
+    x, x_val = F.normalize(x, dim=1), F.normalize(x_val, dim=1)
+    n_classes = int(max(y.max(), y_val.max())) + 1
+    correct = 0
+    for idx in torch.arange(len(x_val)).split(1024):
+        similarity, nearest = (x_val[idx] @ x.T).topk(min(k, len(x)), dim=1)  # [n, k] each
+        votes = torch.zeros(len(idx), n_classes)
+        votes.scatter_add_(1, y[nearest], (similarity / temperature).exp())
+        correct += (votes.argmax(dim=1) == y_val[idx]).sum().item()
+    return 100 * correct / len(x_val)
+
+
+def knn_sets(args):
+    """The fixed images of the per-epoch k-NN monitor: up to --knn-images of train and of val
+    (a random subset, the same every epoch), center-cropped; None without val/ or when off."""
+    if not args.knn_images:
+        return None
+    if args.data is not None and not os.path.isdir(os.path.join(args.data, "val")):
+        return None
+    sets = []
+    for split in ("train", "val"):
+        dataset = make_dataset(args, split, augment=False)
+        if len(dataset) > args.knn_images:
+            gen = torch.Generator().manual_seed(seed_of(args.seed, split))
+            chosen = torch.randperm(len(dataset), generator=gen)[:args.knn_images]
+            dataset = torch.utils.data.Subset(dataset, chosen.sort().values.tolist())
+        sets.append(dataset)
+    return sets
+
+
+def knn_monitor(target_encoder, sets, args, device, autocast):
+    """A cheap quality monitor during pretraining: k-NN top-1 (%) on the target encoder's probe
+    features of the monitor's images. Rank 0 runs it alone; the others wait for it at the next
+    step's collectives."""
+    target_encoder.eval()
+
+    def features(images):
+        return probe_features(target_encoder, images, args.probe_blocks)
+
+    train = extract_features(features, sets[0], device, autocast, args.workers)
+    val = extract_features(features, sets[1], device, autocast, args.workers)
+    return round(knn_accuracy(train, val), 2)
 
 
 def run_probe(target_encoder, args, device, autocast, ckpt_path):
@@ -1362,6 +1418,8 @@ def parse_args(argv=None):
     p.add_argument("--probe-blocks", type=int, help="probe features: mean tokens of the last N "
                    "blocks")
     p.add_argument("--probe-epochs", type=int, help="0: no probe")
+    p.add_argument("--knn-images", type=int, metavar="N", help="the per-epoch k-NN monitor's "
+                   "images from each of train and val (0: no monitor)")
     p.add_argument("--out", help="run folder: checkpoint.pt, log.jsonl, curves.png, probe.json")
     p.add_argument("--resume", metavar="CKPT", help="continue a run from its checkpoint")
     p.add_argument("--save-every", type=float, metavar="MINUTES",

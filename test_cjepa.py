@@ -305,6 +305,32 @@ def test_collapse_monitors_see_dimensional_collapse():
     assert std_b > std_a and rank_b < 2.5 < 25 < rank_a
 
 
+def test_knn_monitor_against_brute_force():
+    torch.manual_seed(0)
+    x, y = torch.randn(60, 8), torch.randint(0, 3, (60,))
+    x_val, y_val = torch.randn(25, 8), torch.randint(0, 3, (25,))
+    correct = 0
+    for v, label in zip(x_val, y_val):  # DINO's rule, one query at a time
+        sims = sorted(((F.cosine_similarity(v, u, dim=0).item(), int(c)) for u, c in zip(x, y)), reverse=True)
+        votes = [0.0, 0.0, 0.0]
+        for s, c in sims[:20]:
+            votes[c] += math.exp(s / 0.07)
+        correct += votes.index(max(votes)) == int(label)
+    assert cjepa.knn_accuracy((x, y), (x_val, y_val)) == pytest.approx(100 * correct / 25)
+    # one twin of class 0 outweighs 19 less similar neighbours of class 1 (exp(similarity / T))
+    v = torch.tensor([[1.0, 0.0]])
+    near = torch.tensor([[0.6, 0.8]]).repeat(19, 1)  # cosine 0.6
+    train = (torch.cat([v, near]), torch.tensor([0] + [1] * 19))
+    assert cjepa.knn_accuracy(train, (v, torch.tensor([0]))) == 100
+    # 60 of class 2 just outside the 20 nearest (class 1) would outvote them: they must not vote
+    near = torch.tensor([[0.5, math.sqrt(0.75)]]).repeat(20, 1)  # cosine 0.5
+    far = torch.tensor([[0.45, -math.sqrt(1 - 0.45 ** 2)]]).repeat(60, 1)  # cosine 0.45
+    train = (torch.cat([near, far]), torch.tensor([1] * 20 + [2] * 60))
+    assert cjepa.knn_accuracy(train, (v, torch.tensor([1]))) == 100
+    one_hot = F.one_hot(y, 3).float()  # features that are the labels: every neighbour agrees
+    assert cjepa.knn_accuracy((one_hot, y), (one_hot, y)) == 100
+
+
 # ------------------------------------------------------------------------------- 6. optimisation
 def test_schedule_endpoints():
     args = tiny_args("--lr", "1e-3", "--start-lr", "1e-4", "--final-lr", "1e-6", "--wd", "0.04", "0.4", "--ema", "0.996", "1.0")
@@ -782,7 +808,14 @@ def test_torchrun_two_processes_train_checkpoint_resume_and_probe(tmp_path):
     assert "2 process(es)" in r.stdout and "cjepa_target_encoder" in r.stdout
     log = [json.loads(line) for line in open(os.path.join(out, "log.jsonl"))]
     assert [line["epoch"] for line in log] == [1, 2]  # only rank 0 writes
-    assert torch.load(os.path.join(out, "checkpoint.pt"), weights_only=True)["epoch"] == 2
+    ckpt = torch.load(os.path.join(out, "checkpoint.pt"), weights_only=True)
+    assert ckpt["epoch"] == 2
+    # the k-NN monitor under DDP (rank 0 alone) gives what one process gives on the same encoder
+    margs = cjepa.parse_args(["--data", data, *TINY])
+    encoder = cjepa.make_encoder(margs)
+    encoder.load_state_dict(ckpt["target_encoder"])
+    single = cjepa.knn_monitor(encoder, cjepa.knn_sets(margs), margs, torch.device("cpu"), nullcontext())
+    assert log[-1]["knn"] == single and 0 < single <= 100
 
 
 def test_torchrun_sigterm_stops_every_rank_at_one_step_and_resumes_exactly(tmp_path):
