@@ -1182,6 +1182,51 @@ def test_one_line_errors_with_exit_code_2(tmp_path, capsys):
     assert not os.path.exists(tmp_path / "x.png")
 
 
+def test_compare_draws_the_papers_four_columns(tmp_path, capsys):
+    ours, other = str(tmp_path / "cjepa.pt"), str(tmp_path / "ijepa" / "checkpoint.pt")
+    ours_checkpoint(ours)
+    os.makedirs(os.path.dirname(other))
+    ours_checkpoint(other)
+    ckpt = torch.load(other, weights_only=True)
+    ckpt["args"]["vicreg"] = 0.0  # an I-JEPA run
+    torch.save(ckpt, other)
+    target, context, cfg = visualize.load_encoders(ours)
+    args = visualize.parse_args([ours, "--compare", other])
+    titles = [title for title, _ in visualize.columns(target, context, cfg, args)]
+    assert titles == ["I-JEPA target encoder\n(ijepa)", "C-JEPA target encoder", "C-JEPA context encoder"]
+    png = str(tmp_path / "compare.png")
+    code, out, err = run_visualize([ours, "--compare", other, "--out", png], capsys)
+    assert code == 0, err
+    three = str(tmp_path / "three.png")
+    assert run_visualize([ours, "--out", three], capsys)[0] == 0
+    assert png_size(png)[0] > png_size(three)[0] and png_size(png)[1] == png_size(three)[1]  # one more column
+    official = str(tmp_path / "official.pth.tar")
+    official_checkpoint(official)
+    code, out, err = run_visualize([ours, "--compare", official, "--arch", "vit_t16", "--img-size", "32",
+                                    "--out", str(tmp_path / "x.png")], capsys)
+    assert code == 2 and err.startswith("visualize.py: error: --compare") and err.count("\n") == 1, err
+    assert "vit_t16 at 32 px" in err and "would not line up" in err
+
+
+def test_curves_plot_runs_grouped_by_their_settings(tmp_path, capsys):
+    data = write_image_folder(str(tmp_path / "data"), splits=("train", "val"))
+    runs = []
+    for vicreg, seed in (("0.01", "0"), ("0.01", "1"), ("0", "0")):
+        out = str(tmp_path / f"v{vicreg}_s{seed}")
+        assert run_main(["--data", data, "--out", out, *TINY, "--vicreg", vicreg, "--seed", seed], capsys)[0] == 0
+        runs.append(out)
+    assert "knn" in json.loads(open(os.path.join(runs[0], "log.jsonl")).readline())
+    fig = visualize.plot_curves(runs)
+    labels = [text.get_text() for text in fig.axes[0].get_legend().get_texts()]
+    assert labels == ["C-JEPA (beta_vicreg 0.01) (2 seeds)", "I-JEPA (beta_vicreg 0)"]
+    png = str(tmp_path / "fig1.png")
+    code, out, err = run_visualize(["--curves", *runs, "--out", png], capsys)
+    assert code == 0 and out.strip() == png, err
+    assert png_size(png)[0] > 600
+    code, out, err = run_visualize(["--curves", str(data)], capsys)
+    assert code == 2 and "not a run folder" in err and err.count("\n") == 1, err
+
+
 def test_script_entry_point(tmp_path, monkeypatch, capsys):
     """`python visualize.py FILE` runs main() (in-process via runpy: no second torch import)."""
     text = tmp_path / "notes.txt"

@@ -7,13 +7,20 @@ each patch *receives*: the attention weights averaged over the queries (and over
 --heads), upsampled to the image. Colour is in units of "uniform": 1 means the patch gets 1/N of the
 attention, as if every patch were attended alike; 2 means twice that.
 
+With --compare OTHER_CKPT, another run's target encoder comes first (the C-JEPA paper's Figures 3-5:
+image | I-JEPA target encoder | C-JEPA target encoder | C-JEPA context encoder). With --curves RUN ...,
+it plots runs' per-epoch k-NN accuracy and effective rank instead (the paper's Figure 1).
+
 Usage:
     python visualize.py runs/demo/checkpoint.pt                  # 4 demo-set images and a photograph
     python visualize.py runs/demo/checkpoint.pt --masks --heads  # + a sampled mask, one panel per head
     python visualize.py ckpt.pt photos/ cat.jpg --out cat.png    # your own images (files or folders)
     python visualize.py IN1K-vit.h.14-300e.pth.tar --arch vit_h14  # an official I-JEPA checkpoint
+    python visualize.py runs/demo/checkpoint.pt --compare runs/ijepa/checkpoint.pt
+    python visualize.py --curves runs/demo_s0 runs/demo_s1 runs/ijepa_s0 runs/ijepa_s1 --out fig1.png
 """
 import argparse
+import json
 import math
 import os
 import sys
@@ -190,14 +197,15 @@ def mask_overlay(cfg, gen):
     return rgba.view(grid, grid, 4).numpy()
 
 
-def plot(images, target, context, cfg, args):
-    """The figure: one row per image; columns image, [masks], target encoder map(s), context encoder map(s)."""
+def plot(images, encoders, cfg, args):
+    """The figure: one row per image; columns image, [masks], then the map(s) of each encoder in `encoders`, a list
+    of (title, encoder)."""
     shown, x = zip(*(prepare(im, cfg) for _, im in images))
-    maps = torch.cat([received_attention(enc, torch.stack(x), args.heads, args.interp) for enc in (target, context)],
-                     dim=1)  # [images, 2 or 2 x heads, H, W]
-    heads = range(maps.shape[1] // 2) if args.heads else [None]
-    titles = ["image"] + ["sampled masks"] * args.masks + [f"{name} encoder" + ("" if i is None else f"\nhead {i}")
-                                                         for name in ("target", "context") for i in heads]
+    maps = torch.cat([received_attention(enc, torch.stack(x), args.heads, args.interp) for _, enc in encoders],
+                     dim=1)  # [images, encoders (x heads), H, W]
+    heads = range(maps.shape[1] // len(encoders)) if args.heads else [None]
+    titles = ["image"] + ["sampled masks"] * args.masks + [name + ("" if i is None else f"\nhead {i}")
+                                                         for name, _ in encoders for i in heads]
     fig, axes = plt.subplots(len(images), len(titles), figsize=(2.2 * len(titles) + 0.6, 2.3 * len(images) + 0.5),
                              squeeze=False, layout="constrained")
     gen = torch.Generator().manual_seed(args.seed)
@@ -207,7 +215,7 @@ def plot(images, target, context, cfg, args):
             ax.set(xticks=[], yticks=[])
         if args.masks:
             axes[r, 1].imshow(mask_overlay(cfg, gen), extent=(-0.5, cfg.img_size - 0.5, cfg.img_size - 0.5, -0.5))
-        for ax, m in zip(axes[r, 1 + args.masks:], maps[r]):  # one colour scale per row: target and context alike
+        for ax, m in zip(axes[r, 1 + args.masks:], maps[r]):  # one colour scale per row: all encoders alike
             im = ax.imshow(m.numpy(), cmap="inferno", alpha=0.65, vmin=0, vmax=maps[r].max().item())
         axes[r, 0].set_ylabel(name, fontsize=9)
         fig.colorbar(im, ax=axes[r, 1 + args.masks:].tolist(), shrink=0.85, aspect=15).ax.tick_params(labelsize=7)
@@ -221,28 +229,108 @@ def plot(images, target, context, cfg, args):
     return fig
 
 
+def method(cfg):
+    """'C-JEPA' or 'I-JEPA' (beta_vicreg 0, or an official I-JEPA checkpoint)."""
+    return "C-JEPA" if getattr(cfg, "vicreg", 0) else "I-JEPA"
+
+
+def columns(target, context, cfg, args):
+    """The encoders to draw, with their titles: with --compare, the other run's target encoder first."""
+    ours = [(f"{method(cfg)} target encoder", target), (f"{method(cfg)} context encoder", context)]
+    if not args.compare:
+        return ours
+    other, _, other_cfg = load_encoders(args.compare, args.arch, args.img_size)
+    mine = (cfg.arch, cfg.img_size, cfg.patch_size)
+    theirs = (other_cfg.arch, other_cfg.img_size, other_cfg.patch_size)
+    if mine != theirs:
+        raise CliError(f"--compare {args.compare}: it is {theirs[0]} at {theirs[1]} px (patch {theirs[2]}), "
+                       f"{args.checkpoint} is {mine[0]} at {mine[1]} px (patch {mine[2]}): the maps would not line up")
+    return [(f"{method(other_cfg)} target encoder\n({os.path.basename(os.path.dirname(os.path.abspath(args.compare)))})",
+             other)] + ours
+
+
+# ---- --curves: the paper's Figure 1 from runs' log.jsonl ----------------------------------------------
+def read_run(folder):
+    """A run folder -> (its settings, its log lines)."""
+    log_path, ckpt_path = os.path.join(folder, "log.jsonl"), os.path.join(folder, "checkpoint.pt")
+    if not os.path.exists(log_path) or not os.path.exists(ckpt_path):
+        raise CliError(f"--curves {folder}: not a run folder (no log.jsonl and checkpoint.pt)")
+    settings = cjepa.load_checkpoint(ckpt_path)["args"]
+    with open(log_path) as f:
+        log = [json.loads(line) for line in f]
+    if not any("knn" in line for line in log):
+        raise CliError(f"--curves {folder}: its log has no k-NN monitor (a run from before it, or --knn-images 0)")
+    return settings, log
+
+
+def run_label(settings, varying):
+    """C-JEPA or I-JEPA, with beta_vicreg and the other settings that differ between the runs (not the seed)."""
+    label = "I-JEPA (beta_vicreg 0)" if not settings["vicreg"] else f"C-JEPA (beta_vicreg {settings['vicreg']})"
+    extra = [f"{k} {settings.get(k)}" for k in varying if k not in ("vicreg", "seed")]
+    return label + (", " + ", ".join(extra) if extra else "")
+
+
+def plot_curves(folders):
+    """k-NN top-1 and effective rank per epoch; runs that differ only in their seed are one line (the mean) and a
+    band (min to max)."""
+    runs = [read_run(folder) for folder in folders]
+    keys = cjepa.ARCH_KEYS + cjepa.TRAIN_KEYS
+    varying = [k for k in keys if len({json.dumps(s.get(k)) for s, _ in runs}) > 1]
+    groups = {}
+    for settings, log in runs:
+        groups.setdefault(run_label(settings, varying), []).append(log)
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4), layout="constrained")
+    for ax, key, title in ((axes[0], "knn", "k-NN top-1 % (target encoder)"),
+                           (axes[1], "erank", "effective rank of the target features")):
+        for i, (label, logs) in enumerate(groups.items()):
+            epochs = sorted(set.intersection(*({line["epoch"] for line in log if key in line} for log in logs)))
+            values = torch.tensor([[next(line[key] for line in log if line["epoch"] == e) for e in epochs]
+                                   for log in logs])  # [runs, epochs]
+            seeds = f" ({len(logs)} seeds)" if len(logs) > 1 else ""
+            ax.plot(epochs, values.mean(dim=0), marker=".", color=f"C{i}", label=label + seeds)
+            if len(logs) > 1:
+                ax.fill_between(epochs, values.min(dim=0).values, values.max(dim=0).values, color=f"C{i}", alpha=0.2)
+        ax.set(title=title, xlabel="epoch")
+    axes[0].legend(fontsize=8)
+    return fig
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(prog="visualize.py", description="Attention maps of a C-JEPA or I-JEPA checkpoint: "
                                 "the target encoder beside the context encoder.")
-    p.add_argument("checkpoint", help="our checkpoint.pt, or an official I-JEPA checkpoint (then give --arch)")
+    p.add_argument("checkpoint", nargs="?",
+                   help="our checkpoint.pt, or an official I-JEPA checkpoint (then give --arch)")
     p.add_argument("images", nargs="*", help="image files or folders (default: 4 demo-set images and a photograph)")
     p.add_argument("--arch", choices=cjepa.ARCHS, help="official I-JEPA checkpoints only (ours record their own)")
     p.add_argument("--img-size", type=int, default=224, help="official I-JEPA checkpoints only (default 224)")
+    p.add_argument("--compare", metavar="CKPT", help="another run's checkpoint (ours, or an official I-JEPA one): "
+                   "its target encoder's maps come first, as in the paper's figures")
+    p.add_argument("--curves", nargs="+", metavar="RUN", help="instead of maps: plot these run folders' k-NN "
+                   "accuracy and effective rank per epoch (the paper's Figure 1)")
     p.add_argument("--heads", action="store_true", help="one panel per head instead of their mean")
     p.add_argument("--masks", action="store_true", help="add a column: one sampled context block and target blocks")
     p.add_argument("--interp", choices=("nearest", "bilinear"), default="nearest", help="how the patch grid is upsampled")
     p.add_argument("--seed", type=int, default=0, help="of the sampled masks")
-    p.add_argument("--out", help="the PNG to write (default: attention.png next to the checkpoint)")
-    return p.parse_args(argv)
+    p.add_argument("--out", help="the PNG to write (default: attention.png next to the checkpoint; "
+                   "with --curves, curves.png here)")
+    args = p.parse_args(argv)
+    if (args.checkpoint is None) == (args.curves is None):
+        p.error("give a checkpoint, or --curves and run folders")
+    return args
 
 
 def main(argv=None):
     args = parse_args(argv)
     try:
-        target, context, cfg = load_encoders(args.checkpoint, args.arch, args.img_size)
-        images = image_files(args.images) if args.images else demo_images()
-        out = args.out or os.path.join(os.path.dirname(os.path.abspath(args.checkpoint)), "attention.png")
-        fig = plot(images, target, context, cfg, args)
+        if args.curves:
+            out = args.out or "curves.png"
+            fig = plot_curves(args.curves)
+        else:
+            target, context, cfg = load_encoders(args.checkpoint, args.arch, args.img_size)
+            encoders = columns(target, context, cfg, args)
+            images = image_files(args.images) if args.images else demo_images()
+            out = args.out or os.path.join(os.path.dirname(os.path.abspath(args.checkpoint)), "attention.png")
+            fig = plot(images, encoders, cfg, args)
         try:
             fig.savefig(out, dpi=100)
         except OSError as e:
