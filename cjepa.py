@@ -31,7 +31,7 @@ then the machinery that runs it:
     7. Devices, DDP and AMP
     8. Checkpoints
     9. Training loop            epochs, logs, collapse monitors, curves.png
-   10. Linear probe             frozen target encoder + BatchNorm + Linear
+   10. Linear probe             frozen target encoder + BatchNorm + Linear; the k-NN monitor
    11. Benchmark
    12. Command line
 """
@@ -93,7 +93,7 @@ PRETRAIN = dict(
 )
 # With no --data: the demo, Fashion-MNIST at 28 px (a 7 x 7 patch grid) on a CPU in minutes.
 # The model size, epochs, batch, schedules and beta_vicreg were chosen by measurement (README,
-# "The demo"); min_keep is the most that a 7 x 7 grid allows.
+# "The demo").
 DEMO = PRETRAIN | dict(
     arch="vit_demo",  # width 128, depth 4, patch 4: 0.8M parameters
     img_size=28,
@@ -105,7 +105,7 @@ DEMO = PRETRAIN | dict(
     vicreg=0.01,  # 0.001 (the paper's) to 0.05 all work here; 0.01 probed best
     pred_width=64,
     pred_depth=3,
-    min_keep=4,  # a 15% target block of a 7 x 7 grid can have as few as 6 patches
+    min_keep=4,  # 10 cannot fit a 7 x 7 grid: a 15% target block can have as few as 6 patches
     clip=1.0,
     probe_blocks=4,
     probe_epochs=30,
@@ -490,7 +490,7 @@ def train_step(run, images, ctx_idx, tgt_idx, lr, wd, m, args):
         p = predictor(z, ctx_idx, tgt_idx)  # [M, B, Kt, D]
         # Step 4. Loss
         loss, terms = cjepa_loss(p, t, z, args)
-    if not all_finite(loss):  # stop before a NaN reaches the weights (one host sync a step)
+    if not all_finite(loss):  # stop before a NaN reaches the weights (this costs a host sync)
         raise FloatingPointError(f"the loss is {loss.item()}")
     # Step 5. Backward and AdamW step (fp16: the GradScaler scales the loss, then unscales)
     for group in opt.param_groups:
@@ -523,6 +523,9 @@ IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 DEMO_DATA = os.path.join(HERE, "data", "fashion_mnist_12k.npz")
 
 
+DEMO_MEAN, DEMO_STD = 0.2867, 0.3540  # of the demo set's pixels, in 0..1
+
+
 class DemoImages(torch.utils.data.Dataset):
     """The built-in demo set: uint8 grey images [n, 28, 28] -> normalised [3, 28, 28] tensors."""
 
@@ -536,7 +539,7 @@ class DemoImages(torch.utils.data.Dataset):
         return len(self.x)
 
     def __getitem__(self, i):
-        x = (self.x[i].float() / 255 - 0.2867) / 0.3540  # the set's mean and std
+        x = (self.x[i].float() / 255 - DEMO_MEAN) / DEMO_STD
         if self.augment and torch.rand(1).item() < 0.5:
             x = x.flip(-1)  # horizontal flip
         return x.expand(3, -1, -1), self.y[i]
@@ -544,7 +547,7 @@ class DemoImages(torch.utils.data.Dataset):
 
 class SafeImageFolder(datasets.ImageFolder):
     """An ImageFolder that replaces an unreadable image by the next readable one, warning once
-    per file."""
+    per file in each loader worker and epoch."""
 
     def __getitem__(self, i):
         for j in range(i, i + len(self)):
@@ -590,20 +593,15 @@ class EpochBatches(torch.utils.data.Dataset):
 
     def __getitem__(self, b):
         seed = seed_of(self.args.seed, self.epoch, self.rank, b)
-        torch.manual_seed(seed)  # the crops and flips (in this worker process)
+        # The crops and flips draw from the global RNG: seed it. (With --workers 0 that is the
+        # training process's; nothing else draws from it once training has started.)
+        torch.manual_seed(seed)
         images, labels = torch.utils.data.default_collate(
             [self.dataset[i] for i in self.order[b].tolist()])
         grid = self.args.img_size // self.args.patch_size
         gen = torch.Generator().manual_seed(seed)
         ctx_idx, tgt_idx = sample_masks(len(images), grid, grid, gen, **mask_config(self.args))
         return images, labels, ctx_idx, tgt_idx
-
-
-def ignore_stop_signals(worker_id):
-    """A loader worker leaves SIGTERM, SIGUSR1 and SIGINT to the training process, which stops
-    cleanly after its step (section 9); a worker killed by one would crash the run instead."""
-    for signum in STOP_SIGNALS:
-        signal.signal(signum, signal.SIG_IGN)
 
 
 def make_dataset(args, split, augment):
@@ -657,6 +655,7 @@ def setup(args):
         raise CliError(f"--precision {args.precision} needs CUDA; on the CPU use --precision fp32")
     rank = int(os.environ.get("RANK", 0))
     world = int(os.environ.get("WORLD_SIZE", 1))
+    args.world = world  # saved with the run: a resume on another number of processes is warned of
     try:
         device = torch.device(args.device)
     except RuntimeError:
@@ -696,18 +695,22 @@ class GatherBatch(torch.autograd.Function):
         return grad.chunk(dist.get_world_size())[dist.get_rank()]
 
 
+def distributed():
+    return dist.is_available() and dist.is_initialized()
+
+
 def all_finite(loss):
     """Is the loss finite on every rank? (Under DDP a rank that stopped alone would leave the
     others waiting in their backward's all-reduce.)"""
     finite = torch.isfinite(loss).float()
-    if dist.is_available() and dist.is_initialized():
+    if distributed():
         dist.all_reduce(finite, op=dist.ReduceOp.MIN)
     return bool(finite)
 
 
 def gather_batch(x):
     """The global batch under DDP; x itself in a single process."""
-    if dist.is_available() and dist.is_initialized():
+    if distributed():
         return GatherBatch.apply(x)
     return x
 
@@ -745,7 +748,7 @@ ARCH_KEYS = ("arch", "img_size", "patch_size", "pred_width", "pred_depth")
 # what may change on --resume, with a warning
 TRAIN_KEYS = ("data", "epochs", "batch_size", "lr", "start_lr", "final_lr", "warmup", "wd", "ema",
               "vicreg", "beta_sim", "beta_std", "beta_cov", "n_targets", "target_scale",
-              "context_scale", "min_keep", "clip", "seed")
+              "context_scale", "min_keep", "clip", "seed", "world")
 
 
 def save_checkpoint(path, run, epoch, args, step=0, progress=None, last_log_line=None):
@@ -798,7 +801,7 @@ def read_checkpoint(path):
 
 
 def same_setting(a, b):
-    """A checkpoint stores tuples as lists: compare those by their items."""
+    """argparse gives lists (nargs=2) where the recipes have tuples: compare by their items."""
     if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
         return list(a) == list(b)
     return a == b
@@ -818,8 +821,8 @@ def load_checkpoint(path, args=None):
             for k in ARCH_KEYS if saved.get(k) != getattr(args, k)]
     if diff:
         raise CliError(f"{path} is of another architecture (checkpoint vs now): {', '.join(diff)}")
-    changed = [f"{k} {saved.get(k)} -> {getattr(args, k)}"
-               for k in TRAIN_KEYS if not same_setting(saved.get(k), getattr(args, k))]
+    changed = [f"{k} {saved.get(k)} -> {getattr(args, k, None)}"
+               for k in TRAIN_KEYS if not same_setting(saved.get(k), getattr(args, k, None))]
     if changed and int(os.environ.get("RANK", 0)) == 0:
         print(f"warning: resuming with other settings than the checkpoint's: {', '.join(changed)}",
               file=sys.stderr)
@@ -863,6 +866,13 @@ def collapse_monitors(pooled):
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
 
 
+def ignore_stop_signals(worker_id):
+    """A loader worker ignores the stop signals: the training process handles them after its
+    step. (A worker started by spawn would otherwise be killed by one, and crash the run.)"""
+    for signum in STOP_SIGNALS:
+        signal.signal(signum, signal.SIG_IGN)
+
+
 class Interrupted(Exception):
     """A stop signal came; the run saved its checkpoint after the step it was in."""
 
@@ -880,9 +890,9 @@ class StopRequests:
         self.previous = {signum: signal.signal(signum, self.catch) for signum in STOP_SIGNALS}
 
     def catch(self, signum, frame):
-        # A second Ctrl-C stops at once. (Under torchrun, a repeated signal is torchrun passing
-        # on the first one: it is ignored.)
-        if self.signum == signum == signal.SIGINT and "RANK" not in os.environ:
+        # A second Ctrl-C stops at once. (torchrun runs its workers in a session of their own: a
+        # Ctrl-C reaches them once, passed on by torchrun.)
+        if self.signum == signum == signal.SIGINT:
             print("\nsecond Ctrl-C: stopping now, without saving", file=sys.stderr)
             os._exit(130)
         self.signum = self.signum or signum
@@ -895,8 +905,9 @@ class StopRequests:
         """After a step: (the stop signal or 0, whether a timed save is due), agreed by every rank
         so that they all stop, or save, after the same step."""
         due = self.save_every > 0 and time.time() - self.last_save >= 60 * self.save_every
-        flags = torch.tensor([self.signum or 0, int(due)], device=device)
-        if dist.is_available() and dist.is_initialized():
+        flags = torch.tensor([self.signum or 0, int(due)])
+        if distributed():  # (NCCL reduces GPU tensors only)
+            flags = flags.to(device)
             dist.all_reduce(flags, op=dist.ReduceOp.MAX)
         return int(flags[0]), bool(flags[1])
 
@@ -908,6 +919,8 @@ def train_epoch(run, batches, epoch, args, rank, world, device, stops, ckpt_path
     iters = len(batches)
     total, warmup_steps = iters * args.epochs, round(args.warmup * iters)
     progress = progress or dict(step=0, sums=0, pooled=[], seconds=0.0)
+    if torch.is_tensor(progress["sums"]):  # a resumed run's, loaded to the CPU
+        progress["sums"] = progress["sums"].to(device)
     batches.set_epoch(epoch)
     loader = torch.utils.data.DataLoader(batches, batch_size=None,
                                          sampler=range(progress["step"], iters),
@@ -932,8 +945,8 @@ def train_epoch(run, batches, epoch, args, rank, world, device, stops, ckpt_path
                 bar.set_postfix(loss=f"{terms['loss'].item():.4f}", lr=f"{lr:.1e}")
             signum, save_due = stops.poll(device)
             if signum or save_due:
+                so_far = progress_to_save(progress, time.time() - t0, world)
                 if rank == 0:
-                    so_far = dict(progress, seconds=progress["seconds"] + time.time() - t0)
                     save_checkpoint(ckpt_path, run, epoch, args, step=i + 1, progress=so_far)
                 stops.last_save = time.time()
             if signum:
@@ -948,13 +961,25 @@ def train_epoch(run, batches, epoch, args, rank, world, device, stops, ckpt_path
 
 
 def record(progress, terms, target_means):
-    """Add a step's loss terms to the epoch's sums (on the device: no host sync) and keep its
-    target features for the collapse monitors, up to 2048 of them."""
+    """Add a step's loss terms to the epoch's sums and keep its target features for the
+    collapse monitors until there are 2048 or more (on the device: no host sync)."""
     progress["step"] += 1
     progress["names"] = list(terms)
     progress["sums"] = progress["sums"] + torch.stack(list(terms.values()))
     if sum(len(p) for p in progress["pooled"]) < 2048:
-        progress["pooled"].append(target_means.cpu())
+        progress["pooled"].append(target_means)
+
+
+def progress_to_save(progress, seconds, world):
+    """The epoch's log so far, for a mid-epoch checkpoint: the sums averaged over the ranks (so
+    that a resumed epoch's mean is the same on every rank), rank 0's target features."""
+    sums = progress["sums"]
+    if world > 1:
+        sums = sums.clone()
+        dist.all_reduce(sums)
+        sums /= world
+    return dict(progress, sums=sums.cpu(), pooled=[p.cpu() for p in progress["pooled"]],
+                seconds=progress["seconds"] + seconds)
 
 
 def log_line(progress, epoch, iters, seconds, args, world):
@@ -964,7 +989,7 @@ def log_line(progress, epoch, iters, seconds, args, world):
     if world > 1:
         dist.all_reduce(means)
         means /= world
-    feat_std, erank = collapse_monitors(torch.cat(progress["pooled"]))
+    feat_std, erank = collapse_monitors(torch.cat([p.cpu() for p in progress["pooled"]]))
     lr, wd, m = schedules((epoch + 1) * iters - 1, iters * args.epochs,
                           round(args.warmup * iters), args)
     line = dict(epoch=epoch + 1)
@@ -981,7 +1006,12 @@ def sync_log(path, ckpt):
     lines = []
     if os.path.exists(path):
         with open(path) as f:
-            lines = [line for line in f if json.loads(line)["epoch"] <= ckpt["epoch"]]
+            for line in f:
+                try:
+                    if json.loads(line)["epoch"] <= ckpt["epoch"]:
+                        lines.append(line)
+                except (ValueError, KeyError):  # a line cut short by a crash
+                    pass
     last = ckpt.get("last_log_line")
     if last and (not lines or json.loads(lines[-1])["epoch"] < last["epoch"]):
         lines.append(json.dumps(last) + "\n")
@@ -995,13 +1025,16 @@ def pretrain(args, rank, world, device, autocast):
     if len(train_set) < args.batch_size * world:
         raise CliError(f"{len(train_set)} training images are fewer than one global batch "
                        f"({args.batch_size} x {world} processes): lower --batch-size")
+    ckpt_path = os.path.join(args.out, "checkpoint.pt")
+    log_path = os.path.join(args.out, "log.jsonl")
+    if os.path.exists(ckpt_path) and not args.resume and not args.overwrite:
+        raise CliError(f"{args.out} holds a run already: continue it with --resume {ckpt_path}, "
+                       "give another --out, or start it again with --overwrite")
     batches = EpochBatches(train_set, args, rank, world)
     run = build_run(args, device, autocast)
     if args.compile:
         compile_blocks(run)
     start, step, progress = 0, 0, None
-    ckpt_path = os.path.join(args.out, "checkpoint.pt")
-    log_path = os.path.join(args.out, "log.jsonl")
     if args.resume:
         ckpt = load_checkpoint(args.resume, args)
         start, step, progress = resume(run, ckpt)
@@ -1010,18 +1043,22 @@ def pretrain(args, rank, world, device, autocast):
     train_set[0]
     if world > 1:
         wrap_ddp(run, device)
+    # --stop-after: stop early (e.g. for a job's time limit); --resume continues
+    last_epoch = min(args.epochs, args.stop_after or args.epochs)
     if master:
         make_run_folder(args.out)
         if args.resume:
             sync_log(log_path, ckpt)
+        else:  # a new run (--overwrite): nothing of an old one stays beside it
+            for name in ("log.jsonl", "curves.png", "probe.json"):
+                if os.path.exists(os.path.join(args.out, name)):
+                    os.remove(os.path.join(args.out, name))
         n_params = sum(p.numel() for p in unwrap(run["encoder"]).parameters()) / 1e6
-        at = f", from step {step + 1}" if step else ""
+        at = f" from step {step + 1}" if step else ""
         print(f"C-JEPA {args.arch} ({n_params:.1f}M params), {len(train_set)} images, {world} "
-              f"process(es) on {device}, {args.precision}, epochs {start + 1}-{args.epochs}{at}, "
-              f"run folder {args.out}")
+              f"process(es) on {device}, {args.precision}, epochs {start + 1}-{last_epoch} of "
+              f"{args.epochs}{at}, run folder {args.out}")
     monitor = knn_sets(args) if master else None
-    # --stop-after: stop early (e.g. for a job's time limit); --resume continues
-    last_epoch = min(args.epochs, args.stop_after or args.epochs)
     stops = StopRequests(args.save_every)
     epoch = start
     try:
@@ -1041,6 +1078,10 @@ def pretrain(args, rank, world, device, autocast):
                 tqdm.write(" ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
                                     for k, v in line.items()))
             stops.last_save = time.time()
+        if stops.signum:  # it came after the last step: the epoch's checkpoint is saved
+            name = signal.Signals(stops.signum).name
+            raise Interrupted(f"stopped by {name} after epoch {epoch}; continue with the same "
+                              f"command and --resume {ckpt_path}", stops.signum)
     finally:
         stops.restore()
     if dist.is_initialized():
@@ -1147,6 +1188,11 @@ def train_linear_head(train, val, epochs, device, seed=0):
     return 100 * correct / len(x_val)
 
 
+def has_val(args):
+    """Is there a val/ split to probe on? (The demo set has its test split.)"""
+    return args.data is None or os.path.isdir(os.path.join(args.data, "val"))
+
+
 def knn_accuracy(train, val, k=20, temperature=0.07):
     """Top-1 (%) of a k-nearest-neighbour classifier, as DINO's eval_knn: cosine similarity, and
     each of the k nearest train features votes for its class with weight exp(similarity / T)."""
@@ -1167,7 +1213,7 @@ def knn_sets(args):
     (a random subset, the same every epoch), center-cropped; None without val/ or when off."""
     if not args.knn_images:
         return None
-    if args.data is not None and not os.path.isdir(os.path.join(args.data, "val")):
+    if not has_val(args):
         return None
     sets = []
     for split in ("train", "val"):
@@ -1198,7 +1244,7 @@ def run_probe(target_encoder, args, device, autocast, ckpt_path):
     """Linear probe of the frozen target encoder on train -> val (the demo: also a random-init
     encoder and raw pixels). Prints a table, writes probe.json and adds the result to the
     checkpoint."""
-    if args.data is not None and not os.path.isdir(os.path.join(args.data, "val")):
+    if not has_val(args):
         print(f"no {os.path.join(args.data, 'val')} folder: skipping the linear probe")
         return None
     t0 = time.time()
@@ -1422,6 +1468,8 @@ def parse_args(argv=None):
                    "images from each of train and val (0: no monitor)")
     p.add_argument("--out", help="run folder: checkpoint.pt, log.jsonl, curves.png, probe.json")
     p.add_argument("--resume", metavar="CKPT", help="continue a run from its checkpoint")
+    p.add_argument("--overwrite", action="store_true",
+                   help="start a new run in an --out folder that holds one")
     p.add_argument("--save-every", type=float, metavar="MINUTES",
                    help="also save the checkpoint within an epoch this often (0: off)")
     p.add_argument("--stop-after", type=int, metavar="EPOCH",
@@ -1435,7 +1483,8 @@ def parse_args(argv=None):
     p.add_argument("--subset", type=int, help="use only the first N images of each split "
                    "(quick checks)")
     p.add_argument("--dist-timeout", type=float, default=10.0,
-                   help="minutes a rank waits for a dead peer")
+                   help="minutes a rank waits in a collective: for a dead peer, and for rank 0's "
+                   "k-NN monitor and saves")
     p.add_argument("--compile", action="store_true",
                    help="torch.compile every transformer block (--benchmark: adds a row)")
     p.add_argument("--benchmark", action="store_true", help="time training steps on random images")

@@ -680,6 +680,18 @@ def test_resume_from_any_step_ends_with_the_same_weights(tmp_path, capsys, monke
     assert log_epochs(killed) == [1, 2, 3]
 
 
+def test_a_new_run_never_clobbers_an_old_one(tmp_path, capsys):
+    data = write_image_folder(str(tmp_path / "data"))
+    out = str(tmp_path / "run")
+    assert run_main(["--data", data, "--out", out, *TINY, "--epochs", "2"], capsys)[0] == 0
+    before = load(out)
+    code, err = run_main(["--data", data, "--out", out, *TINY, "--epochs", "1", "--vicreg", "0"], capsys)
+    assert_one_line_error(code, err, "holds a run already", "--resume", "--overwrite")
+    assert_same_run(before, load(out))
+    assert run_main(["--data", data, "--out", out, *TINY, "--epochs", "1", "--overwrite"], capsys)[0] == 0
+    assert log_epochs(out) == [1] and load(out)["epoch"] == 1  # the old run's log went with it
+
+
 def test_log_follows_the_checkpoint_on_resume(tmp_path):
     path = str(tmp_path / "log.jsonl")
     lines = [dict(epoch=e, loss=1.0 / e) for e in (1, 2, 3)]
@@ -841,6 +853,10 @@ def test_torchrun_sigterm_stops_every_rank_at_one_step_and_resumes_exactly(tmp_p
     assert r.returncode == 0, r.stderr[-3000:]
     assert_same_run(load(whole), load(stopped))
     assert log_epochs(stopped) == list(range(1, 11))
+    if ckpt["step"]:  # the epoch it stopped in: its mean loss over both ranks, as in the whole run
+        e = ckpt["epoch"]
+        a, b = (json.loads(open(os.path.join(out, "log.jsonl")).readlines()[e]) for out in (whole, stopped))
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-5) and b["erank"] == a["erank"]
 
 
 # ------------------------------------------------------------------------------- bad input, crashes
@@ -1216,7 +1232,7 @@ def test_curves_plot_runs_grouped_by_their_settings(tmp_path, capsys):
         assert run_main(["--data", data, "--out", out, *TINY, "--vicreg", vicreg, "--seed", seed], capsys)[0] == 0
         runs.append(out)
     assert "knn" in json.loads(open(os.path.join(runs[0], "log.jsonl")).readline())
-    fig = visualize.plot_curves(runs)
+    fig = visualize.plot_runs(runs)
     labels = [text.get_text() for text in fig.axes[0].get_legend().get_texts()]
     assert labels == ["C-JEPA (beta_vicreg 0.01) (2 seeds)", "I-JEPA (beta_vicreg 0)"]
     png = str(tmp_path / "fig1.png")

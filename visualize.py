@@ -38,7 +38,6 @@ import cjepa
 from cjepa import CliError
 
 EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp")
-DEMO_MEAN, DEMO_STD = 0.2867, 0.3540  # the demo set's, as in cjepa.DemoImages
 FASHION = ("T-shirt", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag", "ankle boot")
 
 
@@ -149,7 +148,7 @@ def prepare(image, cfg):
     the model's size; grey with the demo set's statistics for a demo model, else RGB with ImageNet's."""
     resize = T.Compose([T.Resize(cfg.img_size), T.CenterCrop(cfg.img_size), T.ToTensor()])
     shown = resize(image.convert("L" if cfg.demo else "RGB")).expand(3, -1, -1)
-    mean, std = ((DEMO_MEAN,) * 3, (DEMO_STD,) * 3) if cfg.demo else (cjepa.IMAGENET_MEAN, cjepa.IMAGENET_STD)
+    mean, std = ((cjepa.DEMO_MEAN,) * 3, (cjepa.DEMO_STD,) * 3) if cfg.demo else (cjepa.IMAGENET_MEAN, cjepa.IMAGENET_STD)
     return shown.permute(1, 2, 0), T.Normalize(mean, std)(shown)
 
 
@@ -270,7 +269,7 @@ def run_label(settings, varying):
     return label + (", " + ", ".join(extra) if extra else "")
 
 
-def plot_curves(folders):
+def plot_runs(folders):
     """k-NN top-1 and effective rank per epoch; runs that differ only in their seed are one line (the mean) and a
     band (min to max)."""
     runs = [read_run(folder) for folder in folders]
@@ -324,7 +323,7 @@ def main(argv=None):
     try:
         if args.curves:
             out = args.out or "curves.png"
-            fig = plot_curves(args.curves)
+            fig = plot_runs(args.curves)
         else:
             target, context, cfg = load_encoders(args.checkpoint, args.arch, args.img_size)
             encoders = columns(target, context, cfg, args)
