@@ -545,9 +545,34 @@ class DemoImages(torch.utils.data.Dataset):
         return x.expand(3, -1, -1), self.y[i]
 
 
+def load_rgb(path):
+    """An image file -> an 8-bit RGB PIL image. 16-bit images (PNG's grey 'I;16' and 'I') are
+    scaled to 8 bits; PIL's own convert('RGB') would clip them at 255."""
+    from PIL import Image
+    with Image.open(path) as image:
+        if image.mode.startswith("I"):
+            pixels = np.asarray(image, dtype=np.float64) / 257  # 65535 -> 255
+            image = Image.fromarray(pixels.clip(0, 255).round().astype(np.uint8))
+        return image.convert("RGB")
+
+
 class SafeImageFolder(datasets.ImageFolder):
     """An ImageFolder that replaces an unreadable image by the next readable one, warning once
-    per file in each loader worker and epoch."""
+    per file in each loader worker and epoch. With `classes` (train's), its labels follow those
+    classes by name, so that a val/ folder without one of them does not shift the others."""
+
+    def __init__(self, root, transform, classes=None):
+        self.train_classes = classes
+        super().__init__(root, transform, loader=load_rgb)
+
+    def find_classes(self, directory):
+        classes, class_to_idx = super().find_classes(directory)
+        if self.train_classes is None:
+            return classes, class_to_idx
+        unknown = sorted(set(classes) - set(self.train_classes))
+        if unknown:
+            raise CliError(f"{directory} has classes that train/ has not: {', '.join(unknown[:5])}")
+        return classes, {c: self.train_classes.index(c) for c in classes}
 
     def __getitem__(self, i):
         for j in range(i, i + len(self)):
@@ -608,8 +633,10 @@ def make_dataset(args, split, augment):
     """split 'train' or 'val'. augment: the pretraining augmentation (RandomResizedCrop; on the
     demo set, horizontal flips), else a center crop."""
     dataset = load_images(args, split, augment)
-    if args.subset:  # the first N images only: quick checks
-        dataset = torch.utils.data.Subset(dataset, range(min(args.subset, len(dataset))))
+    if args.subset and args.subset < len(dataset):  # quick checks: a fixed random N, all classes
+        gen = torch.Generator().manual_seed(seed_of(args.seed, split, "subset"))
+        chosen = torch.randperm(len(dataset), generator=gen)[:args.subset]
+        dataset = torch.utils.data.Subset(dataset, chosen.sort().values.tolist())
     return dataset
 
 
@@ -627,8 +654,11 @@ def load_images(args, split, augment):
     else:
         crop = [T.Resize(args.img_size * 256 // 224), T.CenterCrop(args.img_size)]
     transform = T.Compose(crop + [T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+    classes = None
+    if split != "train":  # labels by class name, as train/ numbers them
+        classes = datasets.folder.find_classes(os.path.join(args.data, "train"))[0]
     try:
-        return SafeImageFolder(root, transform)
+        return SafeImageFolder(root, transform, classes)
     except FileNotFoundError as e:  # no class folders, or no images in them
         raise CliError(f"{root}: {e}") from None
 
@@ -1545,6 +1575,8 @@ def check_args(args):
         raise CliError(f"--batch-size {args.batch_size} (per process) must be at least 2")
     if args.workers < 0:
         raise CliError("--workers must be 0 or more")
+    if args.epochs < 1:
+        raise CliError(f"--epochs {args.epochs}: a run needs at least 1 epoch")
     if args.save_every < 0:
         raise CliError("--save-every must be 0 (off) or more minutes")
     if not args.probe_only:

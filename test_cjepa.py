@@ -929,6 +929,34 @@ def test_nan_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(tmp_pat
     assert all(torch.isfinite(v).all() for key in ("encoder", "target_encoder") for v in ckpt[key].values())
 
 
+def test_no_silent_wrong_labels_subsets_or_pixels(tmp_path, capsys):
+    data = write_image_folder(str(tmp_path / "data"), splits=("train", "val"))
+    shutil.rmtree(os.path.join(data, "val", "class0"))  # val without train's first class
+    args = tiny_args("--data", data)
+    val = cjepa.make_dataset(args, "val", augment=False)
+    assert {label for _, label in val.samples} == {1}  # class1 keeps its label: nothing shifts
+    os.makedirs(os.path.join(data, "val", "class9"))
+    shutil.copy(val.samples[0][0], os.path.join(data, "val", "class9", "x.png"))
+    with pytest.raises(cjepa.CliError, match="classes that train/ has not: class9"):
+        cjepa.make_dataset(args, "val", augment=False)
+    # --subset: a fixed random subset across the classes, not the first N files (one class)
+    args = tiny_args("--data", data, "--subset", "8")
+    subset = cjepa.make_dataset(args, "train", augment=False)
+    labels = [subset.dataset.samples[i][1] for i in subset.indices]
+    assert len(labels) == 8 and set(labels) == {0, 1}
+    assert subset.indices == cjepa.make_dataset(args, "train", augment=False).indices
+    # 16-bit grey PNGs are scaled to 8 bits, not clipped at 255
+    ramp = (np.arange(64 * 64).reshape(64, 64) * 16).astype(np.uint16)  # 0 .. 65520
+    path = str(tmp_path / "ramp16.png")
+    Image.fromarray(ramp).save(path)
+    pixels = np.asarray(cjepa.load_rgb(path))[..., 0]
+    assert pixels.max() == 255 and (pixels == 255).mean() < 0.01
+    assert abs(int(pixels[32, 0]) - round(ramp[32, 0] / 257)) <= 1
+    out = ["--out", str(tmp_path / "run")]
+    for epochs in ("0", "-3"):
+        assert_one_line_error(*run_main(["--data", data, *TINY, *out, "--epochs", epochs], capsys), "at least 1 epoch")
+
+
 def test_corrupt_image_is_skipped_with_a_warning(tmp_path, capsys):
     data = write_image_folder(str(tmp_path / "data"))
     bad = os.path.join(data, "train", "class0", "broken.jpg")
