@@ -859,6 +859,74 @@ def load_checkpoint(path, args=None):
     return ckpt
 
 
+def guess_arch(state):
+    """The --arch and --img-size that an encoder's state dict fits, read off its shapes, as a
+    hint for an error message; '' if no preset fits."""
+    try:
+        width, _, patch, _ = state["patch_embed.proj.weight"].shape
+        depth = len({k.split(".")[1] for k in state if k.startswith("blocks.")})
+        grid = math.isqrt(state["pos_embed"].shape[1])
+    except (KeyError, ValueError, IndexError, AttributeError):
+        return ""
+    for name, (w, d, _, p) in ARCHS.items():
+        if (w, d, p) == (width, depth, patch):
+            return (f"; the weights look like {name} at {grid * p} px "
+                    f"(--arch {name} --img-size {grid * p})")
+    return ""
+
+
+def mismatches(model, state):
+    """What keeps `state` from loading into `model` strictly: wrong shapes, then missing and
+    unexpected keys."""
+    want = model.state_dict()
+    shapes = [f"{k} is {list(state[k].shape)} in the checkpoint, {list(v.shape)} in the model"
+              for k, v in want.items() if k in state and state[k].shape != v.shape]
+    missing = [f"missing {k}" for k in want if k not in state]
+    unexpected = [f"unexpected {k}" for k in state if k not in want]
+    return shapes + missing + unexpected
+
+
+def load_encoders(path, arch=None, img_size=224):
+    """The (target encoder, context encoder, settings) of a checkpoint: ours (its settings in
+    'args'), or the official I-JEPA format ('module.' keys, no 'args'), whose architecture and
+    image size arch and img_size name. Every weight must fit: no silent partial load."""
+    ckpt = read_checkpoint(path)
+    if not isinstance(ckpt, dict) or not all(isinstance(ckpt.get(k), dict)
+                                             for k in ("encoder", "target_encoder")):
+        raise CliError(f"{path} is not an I-JEPA or C-JEPA checkpoint (no 'encoder' and "
+                       "'target_encoder' state dicts)")
+    states = {}
+    for key in ("target_encoder", "encoder"):  # official keys: 'module.blocks...'
+        states[key] = {k.removeprefix("module."): v for k, v in ckpt[key].items()}
+    if isinstance(ckpt.get("args"), dict):  # ours: the checkpoint names its own settings
+        cfg = argparse.Namespace(**ckpt["args"])
+    elif arch is None:
+        raise CliError(f"{path} has no 'args' (an official I-JEPA checkpoint?): name its "
+                       f"architecture with --arch{guess_arch(states['target_encoder'])}")
+    else:
+        cfg = argparse.Namespace(arch=arch, img_size=img_size, patch_size=None)
+    cfg.epoch = ckpt.get("epoch")
+    if cfg.arch not in ARCHS:
+        raise CliError(f"{path}: unknown architecture {cfg.arch!r} (known: {', '.join(ARCHS)})")
+    cfg.patch_size = cfg.patch_size or ARCHS[cfg.arch][3]
+    if cfg.img_size % cfg.patch_size:
+        raise CliError(f"--img-size {cfg.img_size} is not a multiple of the patch size "
+                       f"{cfg.patch_size}")
+    encoders = []
+    for key, state in states.items():
+        with torch.device("meta"):  # shapes only: every weight comes from the file
+            model = make_encoder(cfg)
+        problems = mismatches(model, state)
+        if problems:
+            many = f"{len(problems)} mismatches" if len(problems) > 1 else "1 mismatch"
+            raise CliError(f"{path}: the {key} weights do not fit {cfg.arch} at {cfg.img_size} "
+                           f"px: {problems[0]} ({many}){guess_arch(state)}")
+        state = {k: v.float() for k, v in state.items()}
+        model.load_state_dict(state, assign=True)  # strict: each weight has its place
+        encoders.append(model.eval())
+    return encoders[0], encoders[1], cfg
+
+
 def resume(run, ckpt):
     """Restore a run from a checkpoint; returns (epochs done, batches done of the next epoch,
     that epoch's log so far or None)."""
@@ -1171,10 +1239,6 @@ def probe_features(encoder, images, n_blocks):
     return torch.cat(means, dim=1)
 
 
-def raw_pixels(images):
-    return images[:, 0].flatten(1)
-
-
 @torch.no_grad()
 def extract_features(fn, dataset, device, autocast, workers):
     """fn: images -> features. Run once over a dataset (no augmentation). The features are kept
@@ -1270,10 +1334,12 @@ def knn_monitor(target_encoder, sets, args, device, autocast):
     return round(knn_accuracy(train, val), 2)
 
 
-def run_probe(target_encoder, args, device, autocast, ckpt_path):
-    """Linear probe of the frozen target encoder on train -> val (the demo: also a random-init
-    encoder and raw pixels). Prints a table, writes probe.json and adds the result to the
-    checkpoint."""
+def run_probe(target_encoder, args, device, autocast, ckpt_path=None):
+    """Linear probe of the frozen target encoder on train -> val, beside the same probe on a
+    randomly initialised encoder of the same shape and on the raw pixels (where they fit in
+    1 GB), so that its number can be judged. Prints a table and writes it as JSON: after
+    pretraining probe.json, also added to the checkpoint at ckpt_path; with --probe-only
+    probe_<data>.json, beside the checkpoint and never over another result."""
     if not has_val(args):
         print(f"no {os.path.join(args.data, 'val')} folder: skipping the linear probe")
         return None
@@ -1282,12 +1348,13 @@ def run_probe(target_encoder, args, device, autocast, ckpt_path):
     val_set = make_dataset(args, "val", augment=False)
     n = args.probe_blocks
     target_encoder.eval()
-    rows = {"cjepa_target_encoder": lambda images: probe_features(target_encoder, images, n)}
-    if args.data is None:  # the demo's baselines: what the probe gets without C-JEPA
-        torch.manual_seed(args.seed)
-        random_encoder = make_encoder(args).to(device).eval()
-        rows["random_init_encoder"] = lambda images: probe_features(random_encoder, images, n)
-        rows["raw_pixels"] = raw_pixels
+    torch.manual_seed(args.seed)
+    random_encoder = make_encoder(args).to(device).eval()
+    rows = {"cjepa_target_encoder": lambda images: probe_features(target_encoder, images, n),
+            "random_init_encoder": lambda images: probe_features(random_encoder, images, n)}
+    channels = 1 if args.data is None else 3  # the demo's images are grey
+    if len(train_set) * channels * args.img_size ** 2 * 4 <= 2**30:
+        rows["raw_pixels"] = lambda images: images[:, :channels].flatten(1)
     results, head_seconds = {}, 0.0
     for name, fn in rows.items():
         train = extract_features(fn, train_set, device, autocast, args.workers)
@@ -1301,12 +1368,18 @@ def run_probe(target_encoder, args, device, autocast, ckpt_path):
     print(f"| {'features':<22} | top-1  |\n| {'-' * 22} | ------ |")
     for name, acc in results.items():
         print(f"| {name:<22} | {acc:5.2f}% |")
+    if ckpt_path is None:  # --probe-only: named by the data it probed
+        name = "demo" if args.data is None else os.path.basename(os.path.normpath(args.data))
+        path = os.path.join(args.out, f"probe_{name}.json")
+    else:
+        path = os.path.join(args.out, "probe.json")
     try:
-        with open(os.path.join(args.out, "probe.json"), "w") as f:
+        with open(path, "w") as f:
             json.dump(results, f, indent=1)
-        if os.path.exists(ckpt_path):
+        if ckpt_path is not None and os.path.exists(ckpt_path):
             ckpt = read_checkpoint(ckpt_path)
             atomic_save(ckpt | {"probe": results}, ckpt_path)
+        print(f"written to {path}")
     except OSError as e:  # e.g. --probe-only in a read-only folder: the table above is the result
         print(f"warning: could not save the probe result: {e}", file=sys.stderr)
     return results
@@ -1589,11 +1662,11 @@ def main(argv=None):
     try:
         if args.probe_only:
             # the architecture, and by default the data and features, come from the checkpoint
-            ckpt = load_checkpoint(args.probe_only)
-            for key in ARCH_KEYS:
-                setattr(args, key, ckpt["args"][key])
-            args.data = args.data or ckpt["args"].get("data")
-            args.probe_blocks = args.probe_blocks or ckpt["args"]["probe_blocks"]
+            # (an official I-JEPA one: --arch and --img-size say what it is, --data what to probe)
+            encoder, _, saved = load_encoders(args.probe_only, args.arch, args.img_size or 224)
+            args.arch, args.img_size, args.patch_size = saved.arch, saved.img_size, saved.patch_size
+            args.data = args.data or getattr(saved, "data", None)
+            args.probe_blocks = args.probe_blocks or getattr(saved, "probe_blocks", None)
             with_defaults(args)
         check_args(args)
         rank, world, device, autocast = setup(args)
@@ -1602,10 +1675,8 @@ def main(argv=None):
         if args.benchmark:
             return benchmark(args, device, autocast)
         if args.probe_only:
-            encoder = make_encoder(args).to(device)
-            encoder.load_state_dict(ckpt["target_encoder"])
             args.out = os.path.dirname(os.path.abspath(args.probe_only))
-            return run_probe(encoder, args, device, autocast, args.probe_only)
+            return run_probe(encoder.to(device), args, device, autocast)
         return pretrain(args, rank, world, device, autocast)
     except CliError as e:
         print(f"cjepa.py: error: {e}", file=sys.stderr)

@@ -542,10 +542,12 @@ def test_short_run_drops_the_loss_and_writes_a_run_folder(tmp_path, capsys, monk
     assert os.path.getsize(os.path.join(out, "curves.png")) > 1000
     probe = json.load(open(os.path.join(out, "probe.json")))["cjepa_target_encoder"]
     assert 0 < probe <= 100  # (mean-pooled tokens barely see stripe orientation: the demo test checks learning)
-    os.remove(os.path.join(out, "probe.json"))
     code, err = run_main(["--probe-only", os.path.join(out, "checkpoint.pt"), "--probe-epochs", "20", "--device", "cpu"], capsys)
     assert code == 0, err
-    assert json.load(open(os.path.join(out, "probe.json")))["cjepa_target_encoder"] == probe  # same features, same seed
+    again = json.load(open(os.path.join(out, "probe_data.json")))  # named by its data: probe.json stays
+    assert again["cjepa_target_encoder"] == probe  # same features, same seed
+    assert set(again) == {"cjepa_target_encoder", "random_init_encoder", "raw_pixels"}  # with its baselines
+    assert json.load(open(os.path.join(out, "probe.json")))["cjepa_target_encoder"] == probe
     def read_only(*args, **kwargs):  # (tests run as root here, so chmod would not stop a write)
         raise PermissionError(13, "Permission denied", os.path.join(out, "probe.json"))
     monkeypatch.setattr(cjepa.json, "dump", read_only)
@@ -1197,6 +1199,20 @@ def test_writes_a_png_for_an_official_checkpoint(tmp_path, capsys):
     assert out.strip() == out_png
     width, height = png_size(out_png)
     assert height > width
+
+
+def test_probe_only_of_an_official_checkpoint(tmp_path, capsys):
+    data = write_image_folder(str(tmp_path / "data"), splits=("train", "val"), size=32)
+    ckpt = str(tmp_path / "official" / "IN1K-vit.t.16.pth.tar")
+    os.makedirs(os.path.dirname(ckpt))
+    official_checkpoint(ckpt)
+    argv = ["--probe-only", ckpt, "--arch", "vit_t16", "--img-size", "32", "--probe-epochs", "2", "--device", "cpu"]
+    code, err = run_main(argv + ["--data", data], capsys)
+    assert code == 0, err
+    probe = json.load(open(tmp_path / "official" / "probe_data.json"))
+    assert set(probe) == {"cjepa_target_encoder", "random_init_encoder", "raw_pixels"}
+    assert_one_line_error(*run_main(argv, capsys), "the demo set's images are 28 x 28")  # no --data
+    assert_one_line_error(*run_main(argv[:2] + ["--data", data], capsys), "name its architecture with --arch")
 
 
 def test_one_line_errors_with_exit_code_2(tmp_path, capsys):

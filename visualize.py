@@ -21,7 +21,6 @@ Usage:
 """
 import argparse
 import json
-import math
 import os
 import sys
 
@@ -42,67 +41,14 @@ FASHION = ("T-shirt", "trouser", "pullover", "dress", "coat", "sandal", "shirt",
 
 
 # ---- the checkpoint: ours (with 'args') or the official I-JEPA format ('module.' keys, no 'args') ----------
-def read_checkpoint(path):
-    ckpt = cjepa.read_checkpoint(path)
-    if not isinstance(ckpt, dict) or not all(isinstance(ckpt.get(k), dict) for k in ("encoder", "target_encoder")):
-        raise CliError(f"{path} is not an I-JEPA or C-JEPA checkpoint (no 'encoder' and 'target_encoder' state dicts)")
-    return ckpt
-
-
-def guess_arch(state):
-    """The --arch and --img-size that a state dict fits, read off its shapes; '' if no preset fits."""
-    try:
-        width, _, patch, _ = state["patch_embed.proj.weight"].shape
-        depth = len({k.split(".")[1] for k in state if k.startswith("blocks.")})
-        grid = math.isqrt(state["pos_embed"].shape[1])
-    except (KeyError, ValueError, IndexError, AttributeError):
-        return ""
-    for name, (w, d, _, p) in cjepa.ARCHS.items():
-        if (w, d, p) == (width, depth, patch):
-            return f"; the weights look like {name} at {grid * p} px (--arch {name} --img-size {grid * p})"
-    return ""
-
-
-def mismatches(model, state):
-    """What keeps `state` from loading into `model` with strict=True: wrong shapes, then missing and unexpected keys."""
-    want = model.state_dict()
-    return ([f"{k} is {list(state[k].shape)} in the checkpoint, {list(v.shape)} in the model"
-             for k, v in want.items() if k in state and state[k].shape != v.shape]
-            + [f"missing {k}" for k in want if k not in state] + [f"unexpected {k}" for k in state if k not in want])
-
-
 def load_encoders(path, arch=None, img_size=224):
-    """-> (target encoder, context encoder, settings: arch, img_size, patch_size, demo, masks, epoch)."""
-    ckpt = read_checkpoint(path)
-    states = {key: {k.removeprefix("module."): v for k, v in ckpt[key].items()}  # official keys: 'module.blocks...'
-              for key in ("target_encoder", "encoder")}
-    if isinstance(ckpt.get("args"), dict):  # ours: the checkpoint names its architecture and its mask settings
-        cfg = argparse.Namespace(**ckpt["args"])
-        cfg.demo = ckpt["args"].get("data") is None  # the demo set: grey 28 px images
-        cfg.masks = cjepa.mask_config(cfg)
-    elif arch is None:
-        raise CliError(f"{path} has no 'args' (an official I-JEPA checkpoint?): name its architecture with --arch"
-                       + guess_arch(states["target_encoder"]))
-    else:  # the official format: the user names the architecture; the masks are the published ones
-        cfg = argparse.Namespace(arch=arch, img_size=img_size, patch_size=None, demo=False,
-                                 masks=cjepa.mask_config(argparse.Namespace(**cjepa.PRETRAIN)))
-    cfg.epoch = ckpt.get("epoch")
-    if cfg.arch not in cjepa.ARCHS:
-        raise CliError(f"{path}: unknown architecture {cfg.arch!r} (known: {', '.join(cjepa.ARCHS)})")
-    cfg.patch_size = cfg.patch_size or cjepa.ARCHS[cfg.arch][3]
-    if cfg.img_size % cfg.patch_size:
-        raise CliError(f"--img-size {cfg.img_size} is not a multiple of the patch size {cfg.patch_size}")
-    encoders = []
-    for key, state in states.items():
-        with torch.device("meta"):  # shapes only: no memory, no slow random init; every weight comes from the file
-            model = cjepa.make_encoder(cfg)
-        problems = mismatches(model, state)
-        if problems:
-            raise CliError(f"{path}: the {key} weights do not fit {cfg.arch} at {cfg.img_size} px: {problems[0]} "
-                           f"({len(problems)} mismatch{'es' * (len(problems) > 1)}){guess_arch(state)}")
-        model.load_state_dict({k: v.float() for k, v in state.items()}, assign=True)  # strict: each has its place
-        encoders.append(model.eval())
-    return encoders[0], encoders[1], cfg
+    """-> (target encoder, context encoder, settings: arch, img_size, patch_size, epoch, demo, masks). cjepa.py's
+    loader, plus what the figure needs: whether these are demo-set (grey 28 px) images, and the mask settings."""
+    target, context, cfg = cjepa.load_encoders(path, arch, img_size)
+    ours = hasattr(cfg, "data")
+    cfg.demo = ours and cfg.data is None
+    cfg.masks = cjepa.mask_config(cfg if ours else argparse.Namespace(**cjepa.PRETRAIN))  # official: published
+    return target, context, cfg
 
 
 # ---- the images ---------------------------------------------------------------------------------------
