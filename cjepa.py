@@ -115,6 +115,14 @@ DEMO = PRETRAIN | dict(
     save_every=0.0,  # an epoch takes half a minute: a checkpoint after each is enough
 )
 
+# --recipe small: the demo's settings for your own small images (--data DIR). The image size is
+# that of the first training image, unless --img-size says otherwise.
+SMALL = DEMO | dict(
+    img_size=None,
+    workers=min(4, os.cpu_count() or 1),  # decoding image files: loader workers pay off here
+    out="runs/small",
+)
+
 # =============================================================================================
 # 1. Vision Transformer
 # =============================================================================================
@@ -1184,11 +1192,30 @@ def pretrain(args, rank, world, device, autocast):
         stops.restore()
     if dist.is_initialized():
         dist.destroy_process_group()
+    if master and start >= args.epochs:
+        print(f"the run in {args.out} is finished ({start} of {args.epochs} epochs): nothing to "
+              "train; a larger --epochs continues it")
+        return run
     if master and epoch > start:
         plot_curves(args.out)
+    if master and epoch == args.epochs:
+        warn_if_too_short(args, len(batches))
     if master and epoch == args.epochs and args.probe_epochs > 0:
         run_probe(run["target_encoder"], args, device, autocast, ckpt_path)
     return run
+
+
+def warn_if_too_short(args, iters):
+    """A run that ends inside its warm-up, or after very few steps, has barely trained: say so
+    before its probe is read as C-JEPA's."""
+    steps, warmup_steps = args.epochs * iters, round(args.warmup * iters)
+    if steps <= warmup_steps:
+        print(f"warning: the run ended inside its learning-rate warm-up ({steps} of "
+              f"{warmup_steps} warm-up steps): lower --warmup or train more epochs",
+              file=sys.stderr)
+    elif steps < 500:
+        print(f"warning: only {steps} training steps: too few to learn much (the demo takes "
+              "936); compare the probe with its random-init baseline", file=sys.stderr)
 
 
 def make_run_folder(out):
@@ -1539,34 +1566,41 @@ def benchmark_data(args, batches=10):
 # =============================================================================================
 def parse_args(argv=None):
     p = argparse.ArgumentParser(
-        description="C-JEPA self-supervised pretraining (no --data: the built-in demo)")
+        description="C-JEPA self-supervised pretraining. With no --data: the built-in demo. "
+        "Each flag's default comes from a recipe, shown as (demo | --data | --recipe small).")
     p.add_argument("--data", help="ImageFolder root with train/<class>/* (and val/<class>/* for "
-                   "the probe)")
-    p.add_argument("--arch", choices=ARCHS)
-    p.add_argument("--img-size", type=int)
+                   "the probe and the k-NN monitor)")
+    p.add_argument("--recipe", choices=("small",), help="small: the demo's tested settings for "
+                   "your own small images, minutes on a CPU (default: the demo without --data, "
+                   "the published ViT-B/16 settings with it)")
+    p.add_argument("--arch", choices=ARCHS, help="the encoder")
+    p.add_argument("--img-size", type=int, help="images are resized and cropped to this")
     p.add_argument("--patch-size", type=int, help="override the architecture's patch size")
-    p.add_argument("--epochs", type=int)
-    p.add_argument("--batch-size", type=int, help="per process")
+    p.add_argument("--epochs", type=int, help="pretraining epochs")
+    p.add_argument("--batch-size", type=int, help="images per process and step")
     p.add_argument("--lr", type=float, help="peak learning rate, after the warm-up")
-    p.add_argument("--start-lr", type=float)
-    p.add_argument("--final-lr", type=float)
+    p.add_argument("--start-lr", type=float, help="learning rate at the start of the warm-up")
+    p.add_argument("--final-lr", type=float, help="learning rate at the end of the cosine")
     p.add_argument("--warmup", type=float, help="warm-up epochs")
     p.add_argument("--wd", type=float, nargs=2, help="weight decay: start and end of its cosine")
     p.add_argument("--ema", type=float, nargs=2, help="EMA momentum: start and end")
     p.add_argument("--vicreg", type=float, help="beta_vicreg; 0 is plain I-JEPA")
-    p.add_argument("--beta-sim", type=float)
-    p.add_argument("--beta-std", type=float)
-    p.add_argument("--beta-cov", type=float)
-    p.add_argument("--pred-width", type=int)
-    p.add_argument("--pred-depth", type=int)
+    p.add_argument("--beta-sim", type=float, help="VICReg's invariance weight")
+    p.add_argument("--beta-std", type=float, help="VICReg's variance weight")
+    p.add_argument("--beta-cov", type=float, help="VICReg's covariance weight")
+    p.add_argument("--pred-width", type=int, help="the predictor's width")
+    p.add_argument("--pred-depth", type=int, help="the predictor's depth")
     p.add_argument("--n-targets", type=int, help="target blocks per image (M)")
-    p.add_argument("--target-scale", type=float, nargs=2)
-    p.add_argument("--context-scale", type=float, nargs=2)
-    p.add_argument("--min-keep", type=int, help="fewest patches in a mask")
+    p.add_argument("--target-scale", type=float, nargs=2,
+                   help="a target block's share of the image")
+    p.add_argument("--context-scale", type=float, nargs=2,
+                   help="the context block's share of the image")
+    p.add_argument("--min-keep", type=int, help="fewest patches in a mask (a recipe's value is "
+                   "lowered to fit a small patch grid)")
     p.add_argument("--clip", type=float, help="gradient-norm clipping (0: off)")
     p.add_argument("--probe-blocks", type=int, help="probe features: mean tokens of the last N "
                    "blocks")
-    p.add_argument("--probe-epochs", type=int, help="0: no probe")
+    p.add_argument("--probe-epochs", type=int, help="the linear probe's epochs (0: no probe)")
     p.add_argument("--knn-images", type=int, metavar="N", help="the per-epoch k-NN monitor's "
                    "images from each of train and val (0: no monitor)")
     p.add_argument("--out", help="run folder: checkpoint.pt, log.jsonl, curves.png, probe.json")
@@ -1577,53 +1611,106 @@ def parse_args(argv=None):
                    help="also save the checkpoint within an epoch this often (0: off)")
     p.add_argument("--stop-after", type=int, metavar="EPOCH",
                    help="stop after this epoch; --resume continues")
-    p.add_argument("--probe-only", metavar="CKPT", help="only run the linear probe of a checkpoint")
+    p.add_argument("--probe-only", metavar="CKPT", help="only run the linear probe of a "
+                   "checkpoint: ours, or an official I-JEPA one (then give --arch and --data)")
     p.add_argument("--device", help="cuda or cpu (default: cuda if there is one)")
     p.add_argument("--precision", choices=("bf16", "fp16", "fp32"),
-                   help="default: bf16 on CUDA, fp32 on CPU")
+                   help="default: bf16 on CUDA (fp16 on GPUs without bf16), fp32 on CPU")
     p.add_argument("--workers", type=int, help="data-loading processes per GPU")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--subset", type=int, help="use only the first N images of each split "
+    p.add_argument("--seed", type=int, default=0, help="(default 0)")
+    p.add_argument("--subset", type=int, help="use only a fixed random N images of each split "
                    "(quick checks)")
     p.add_argument("--dist-timeout", type=float, default=10.0,
                    help="minutes a rank waits in a collective: for a dead peer, and for rank 0's "
-                   "k-NN monitor and saves")
+                   "k-NN monitor and saves (default 10)")
     p.add_argument("--compile", action="store_true",
                    help="torch.compile every transformer block (--benchmark: adds a row)")
     p.add_argument("--benchmark", action="store_true", help="time training steps on random images")
+    for action in p._actions:  # each recipe's default, in the help
+        if action.dest in PRETRAIN:
+            shown = [show_default(recipe[action.dest]) for recipe in (DEMO, PRETRAIN, SMALL)]
+            action.help = f"{action.help} ({' | '.join(shown)})"
     args = p.parse_args(argv)
     if args.probe_only:  # the defaults come once the checkpoint is read
         return args
     return with_defaults(args)
 
 
+def show_default(value):
+    if value is None:  # SMALL's image size
+        return "first image"
+    if isinstance(value, tuple):
+        return " ".join(str(v) for v in value)
+    return str(value)
+
+
 def with_defaults(args):
-    """Fill every option not given from a recipe: DEMO without --data, else PRETRAIN (which
-    --benchmark always uses)."""
-    recipe = DEMO if args.data is None and not args.benchmark else PRETRAIN
+    """Fill every option not given from a recipe: --recipe small, else DEMO without --data, else
+    PRETRAIN (which --benchmark always uses). A recipe's min_keep that cannot fit the patch grid
+    is lowered to the largest that fits, and said once."""
+    if args.recipe == "small":
+        recipe = SMALL
+    elif args.data is None and not args.benchmark:
+        recipe = DEMO
+    else:
+        recipe = PRETRAIN
+    given = {key for key in recipe if getattr(args, key) is not None}
     for key, value in recipe.items():
-        if getattr(args, key) is None:
+        if key not in given:
             setattr(args, key, value)
+    if args.img_size is None:  # --recipe small
+        args.img_size = first_image_size(args.data) if args.data else 28
     args.patch_size = args.patch_size or ARCHS[args.arch][3]
+    if "img_size" not in given:  # a whole number of patches
+        args.img_size -= args.img_size % args.patch_size
+    grid = args.img_size // args.patch_size
+    if "min_keep" not in given and not args.probe_only and grid >= 2:
+        fitting = args.min_keep
+        while fitting > 1 and not masks_fit(grid, grid, args.target_scale, fitting):
+            fitting -= 1
+        if fitting != args.min_keep and int(os.environ.get("RANK", 0)) == 0:
+            print(f"note: min_keep {args.min_keep} cannot fit a {grid}x{grid} patch grid: using "
+                  f"{fitting} (--min-keep sets it)", file=sys.stderr)
+        args.min_keep = fitting
     return args
 
 
-def check_masks_fit(H, W, target_scale, min_keep, target_aspect=TARGET_ASPECT):
-    """Raise CliError unless every target block has >= min_keep patches and the context keeps
-    >= min_keep patches at least when the targets overlap: then sample_masks always succeeds.
-    (The number of targets and the context's scale can't break that: blocks may overlap, and
-    the context falls back to every patch outside the targets.)"""
-    if H < 2 or W < 2:
-        raise CliError(f"a {H}x{W} patch grid is too small for masking: use a larger --img-size "
-                       "or a smaller --patch-size")
+def first_image_size(data):
+    """The shorter side of the first image in data/train, for --recipe small (28 if none)."""
+    try:
+        first = datasets.ImageFolder(os.path.join(data, "train")).samples[0][0]
+        return min(load_rgb(first).size)
+    except (OSError, FileNotFoundError, IndexError):
+        return 28  # load_images will say what is wrong with the folder
+
+
+def target_areas(H, W, target_scale, target_aspect=TARGET_ASPECT):
+    """The smallest and largest area (in patches) a target block can have."""
     areas = []
     for scale in target_scale:
         for aspect in torch.linspace(target_aspect[0], target_aspect[1], 101).tolist():
             h, w = block_shape(scale, aspect, H, W)
             areas.append(h * w)
-    if min(areas) < min_keep or H * W - max(areas) < min_keep:
+    return min(areas), max(areas)
+
+
+def masks_fit(H, W, target_scale, min_keep):
+    """Does every target block have >= min_keep patches, and does the context keep >= min_keep
+    patches at least when the targets overlap? Then sample_masks always succeeds. (The number
+    of targets and the context's scale can't break that: blocks may overlap, and the context
+    falls back to every patch outside the targets.)"""
+    smallest, largest = target_areas(H, W, target_scale)
+    return smallest >= min_keep and H * W - largest >= min_keep
+
+
+def check_masks_fit(H, W, target_scale, min_keep):
+    if H < 2 or W < 2:
+        raise CliError(f"a {H}x{W} patch grid is too small for masking: use a larger --img-size "
+                       "or a smaller --patch-size")
+    if not masks_fit(H, W, target_scale, min_keep):
+        smallest, largest = target_areas(H, W, target_scale)
         raise CliError(f"the masks do not fit a {H}x{W} patch grid: target blocks of "
-                       f"{min(areas)}-{max(areas)} patches with --min-keep {min_keep}; lower "
+                       f"{smallest}-{largest} patches with --min-keep {min_keep}; lower "
                        "--min-keep or change --target-scale")
 
 

@@ -694,6 +694,46 @@ def test_a_new_run_never_clobbers_an_old_one(tmp_path, capsys):
     assert log_epochs(out) == [1] and load(out)["epoch"] == 1  # the old run's log went with it
 
 
+def test_recipes_fit_any_grid_and_help_shows_every_default(capsys):
+    for img_size, expected in ((16, None), (28, 6), (32, 9), (56, 10)):  # 4x4 .. 14x14 patch grids
+        args = cjepa.parse_args(["--data", "x", "--arch", "vit_demo", "--img-size", str(img_size)])
+        grid = img_size // 4
+        assert cjepa.masks_fit(grid, grid, args.target_scale, args.min_keep), img_size
+        assert not cjepa.masks_fit(grid, grid, args.target_scale, args.min_keep + 1) or args.min_keep == 10
+        if expected:
+            assert args.min_keep == expected
+        ctx, tgt = cjepa.sample_masks(8, grid, grid, torch.Generator().manual_seed(0), **cjepa.mask_config(args))
+        assert ctx.shape[1] >= args.min_keep and tgt.shape[2] >= args.min_keep
+    err = capsys.readouterr().err
+    assert "min_keep 10 cannot fit a 7x7 patch grid: using 6" in err and err.count("7x7") == 1
+    given = cjepa.parse_args(["--data", "x", "--arch", "vit_demo", "--img-size", "28", "--min-keep", "9"])
+    assert given.min_keep == 9  # given: kept (check_args then says it does not fit)
+    small = cjepa.parse_args(["--data", "x", "--recipe", "small", "--img-size", "30"])
+    assert (small.arch, small.epochs, small.vicreg, small.out) == ("vit_demo", 6, 0.01, "runs/small")
+    assert small.img_size == 30  # given: kept (check_args says it is no multiple of the patch)
+    with pytest.raises(SystemExit):
+        cjepa.parse_args(["--help"])
+    text = " ".join(capsys.readouterr().out.split())  # the help, its line breaks undone
+    assert "--epochs EPOCHS pretraining epochs (6 | 600 | 6)" in text
+    assert "EMA momentum: start and end (0.99 1.0 | 0.996 1.0 | 0.99 1.0)" in text
+    for key in cjepa.PRETRAIN:  # every recipe setting shows its three defaults
+        flag = "--" + key.replace("_", "-")
+        assert flag in text and text.count(" | ") >= len(cjepa.PRETRAIN), flag
+
+
+def test_short_and_finished_runs_say_so(tmp_path, capsys):
+    data = write_image_folder(str(tmp_path / "data"))
+    out = str(tmp_path / "run")
+    code, err = run_main(["--data", data, "--out", out, *TINY, "--epochs", "1", "--warmup", "2"], capsys)
+    assert code == 0 and "warning: the run ended inside its learning-rate warm-up (3 of 6" in err, err
+    before = load(out)
+    cjepa.main(["--data", data, "--out", out, *TINY, "--epochs", "1", "--warmup", "2",
+                "--resume", os.path.join(out, "checkpoint.pt")])
+    assert "is finished (1 of 1 epochs): nothing to train" in capsys.readouterr().out
+    assert_same_run(before, load(out))
+    assert log_epochs(out) == [1]
+
+
 def test_log_follows_the_checkpoint_on_resume(tmp_path):
     path = str(tmp_path / "log.jsonl")
     lines = [dict(epoch=e, loss=1.0 / e) for e in (1, 2, 3)]

@@ -220,7 +220,8 @@ def plot_runs(folders):
     band (min to max)."""
     runs = [read_run(folder) for folder in folders]
     keys = cjepa.ARCH_KEYS + cjepa.TRAIN_KEYS
-    varying = [k for k in keys if len({json.dumps(s.get(k)) for s, _ in runs}) > 1]
+    # the settings that differ between the runs (one that some runs do not record is left out)
+    varying = [k for k in keys if all(k in s for s, _ in runs) and len({json.dumps(s[k]) for s, _ in runs}) > 1]
     groups = {}
     for settings, log in runs:
         groups.setdefault(run_label(settings, varying), []).append(log)
