@@ -999,6 +999,23 @@ def test_no_silent_wrong_labels_subsets_or_pixels(tmp_path, capsys):
         assert_one_line_error(*run_main(["--data", data, *TINY, *out, "--epochs", epochs], capsys), "at least 1 epoch")
 
 
+def test_small_recipe_on_a_png_folder_beats_its_random_init_baseline(tmp_path, capsys):
+    """--recipe small on a user's own small ImageFolder: 2000 of the demo's images as 28 px PNGs."""
+    data = np.load(cjepa.DEMO_DATA)
+    for split, key, n in (("train", "train", 2000), ("val", "test", 500)):
+        for i, (x, y) in enumerate(zip(data[f"x_{key}"][:n], data[f"y_{key}"][:n])):
+            os.makedirs(tmp_path / "pngs" / split / f"c{y}", exist_ok=True)
+            Image.fromarray(x).save(tmp_path / "pngs" / split / f"c{y}" / f"{i}.png")
+    out = str(tmp_path / "run")
+    code, err = run_main(["--data", str(tmp_path / "pngs"), "--recipe", "small", "--out", out, "--epochs", "3",
+                          "--workers", "0", "--probe-epochs", "10", "--knn-images", "0"], capsys)
+    assert code == 0, err
+    assert "warning: only 93 training steps" in err  # 3 short epochs: said
+    assert load(out)["args"]["img_size"] == 28 and load(out)["args"]["arch"] == "vit_demo"  # from the first image
+    probe = json.load(open(os.path.join(out, "probe.json")))
+    assert probe["cjepa_target_encoder"] > probe["random_init_encoder"] + 3, probe
+
+
 def test_corrupt_image_is_skipped_with_a_warning(tmp_path, capsys):
     data = write_image_folder(str(tmp_path / "data"))
     bad = os.path.join(data, "train", "class0", "broken.jpg")
