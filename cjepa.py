@@ -484,8 +484,8 @@ def train_step(run, images, ctx_idx, tgt_idx, lr, wd, m, args):
     encoder, predictor, target_encoder = run["encoder"], run["predictor"], run["target_encoder"]
     opt, scaler = run["opt"], run["scaler"]
     device = next(target_encoder.parameters()).device
-    # Step 1. The batch and its masks (one context block and M target blocks per image, drawn by
-    # the training loop: sample_masks) go to the device
+    # Step 1. The batch and its masks (one context block and M target blocks per image, drawn
+    # with the batch by sample_masks in the data loader: EpochBatches, section 6) go to the device
     images = images.to(device, non_blocking=True)
     ctx_idx = ctx_idx.to(device, non_blocking=True)  # [B, Kc]
     tgt_idx = tgt_idx.to(device, non_blocking=True)  # [M, B, Kt]
@@ -515,8 +515,9 @@ def train_step(run, images, ctx_idx, tgt_idx, lr, wd, m, args):
     ema_update(target_encoder, encoder, m)  # (a DDP wrapper has the same parameters)
     return terms, h.mean(dim=1).float()
 
-# That is all of C-JEPA. Everything below runs it: data, devices, checkpoints, the loop (which
-# draws each batch's masks and this step's schedules, section 9), the probe and the benchmark.
+# That is all of C-JEPA. Everything below runs it: the data (which draws each batch's masks,
+# section 6), devices, checkpoints, the loop (this step's schedules, section 9), the probe and
+# the benchmark.
 
 
 # =============================================================================================
@@ -529,8 +530,6 @@ class CliError(Exception):
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 # 10k train + 2k test Fashion-MNIST images, 28 x 28, 10 classes (README, "Data and licences")
 DEMO_DATA = os.path.join(HERE, "data", "fashion_mnist_12k.npz")
-
-
 DEMO_MEAN, DEMO_STD = 0.2867, 0.3540  # of the demo set's pixels, in 0..1
 
 
