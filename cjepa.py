@@ -17,7 +17,7 @@ Usage:
     python cjepa.py --benchmark --arch vit_b16            # speed and memory of one training step
     python cjepa.py --probe-only runs/demo/checkpoint.pt  # linear probe of a checkpoint
 
-Read it from the top. First the two recipes' hyperparameters, then the method in its order:
+Read it from the top. First the recipes' hyperparameters, then the method in its order:
 
     1. Vision Transformer       the encoder (context and target encoder share the architecture)
     2. Multi-block masks        one context block and M target blocks per image
@@ -59,7 +59,7 @@ from tqdm import tqdm
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 # =============================================================================================
-# The two recipes. Every flag not given on the command line takes its value from one of them.
+# The recipes. Every flag not given on the command line takes its value from one of them.
 # =============================================================================================
 # With --data: the published C-JEPA ViT-B/16 settings (I-JEPA's, plus beta_vicreg).
 PRETRAIN = dict(
@@ -640,7 +640,7 @@ def make_dataset(args, split, augment):
     """split 'train' or 'val'. augment: the pretraining augmentation (RandomResizedCrop; on the
     demo set, horizontal flips), else a center crop."""
     dataset = load_images(args, split, augment)
-    if args.subset and args.subset < len(dataset):  # quick checks: a fixed random N, all classes
+    if args.subset and args.subset < len(dataset):  # quick checks: a random N, fixed by --seed
         gen = torch.Generator().manual_seed(seed_of(args.seed, split, "subset"))
         chosen = torch.randperm(len(dataset), generator=gen)[:args.subset]
         dataset = torch.utils.data.Subset(dataset, chosen.sort().values.tolist())
@@ -858,8 +858,8 @@ def load_checkpoint(path, args=None):
             for k in ARCH_KEYS if saved.get(k) != getattr(args, k)]
     if diff:
         raise CliError(f"{path} is of another architecture (checkpoint vs now): {', '.join(diff)}")
-    changed = [f"{k} {saved.get(k)} -> {getattr(args, k, None)}"
-               for k in TRAIN_KEYS if not same_setting(saved.get(k), getattr(args, k, None))]
+    changed = [f"{k} {saved[k]} -> {getattr(args, k, None)}" for k in TRAIN_KEYS
+               if k in saved and not same_setting(saved[k], getattr(args, k, None))]
     if changed and int(os.environ.get("RANK", 0)) == 0:
         print(f"warning: resuming with other settings than the checkpoint's: {', '.join(changed)}",
               file=sys.stderr)
@@ -1132,9 +1132,12 @@ def pretrain(args, rank, world, device, autocast):
                        f"({args.batch_size} x {world} processes): lower --batch-size")
     ckpt_path = os.path.join(args.out, "checkpoint.pt")
     log_path = os.path.join(args.out, "log.jsonl")
-    if os.path.exists(ckpt_path) and not args.resume and not args.overwrite:
+    resumes_here = args.resume and os.path.abspath(args.resume) == os.path.abspath(ckpt_path)
+    if os.path.exists(ckpt_path) and not resumes_here and not args.overwrite:
         raise CliError(f"{args.out} holds a run already: continue it with --resume {ckpt_path}, "
-                       "give another --out, or start it again with --overwrite")
+                       "give another --out, or replace it with --overwrite")
+    if args.data is not None and has_val(args):
+        load_images(args, "val", augment=False)  # a val/ class that train/ lacks: say it now
     batches = EpochBatches(train_set, args, rank, world)
     run = build_run(args, device, autocast)
     if args.compile:
@@ -1150,11 +1153,19 @@ def pretrain(args, rank, world, device, autocast):
         wrap_ddp(run, device)
     # --stop-after: stop early (e.g. for a job's time limit); --resume continues
     last_epoch = min(args.epochs, args.stop_after or args.epochs)
+    if start >= last_epoch:
+        if start < args.epochs:
+            why = f" and --stop-after is {args.stop_after}"
+        else:
+            why = "; the run is finished (a larger --epochs continues it)"
+        if master:
+            print(f"nothing to train: the checkpoint has {start} of {args.epochs} epochs{why}")
+        return run
     if master:
         make_run_folder(args.out)
         if args.resume:
             sync_log(log_path, ckpt)
-        else:  # a new run (--overwrite): nothing of an old one stays beside it
+        else:  # a new run (--overwrite): the old run's log, curves and probe go
             for name in ("log.jsonl", "curves.png", "probe.json"):
                 if os.path.exists(os.path.join(args.out, name)):
                     os.remove(os.path.join(args.out, name))
@@ -1191,10 +1202,6 @@ def pretrain(args, rank, world, device, autocast):
         stops.restore()
     if dist.is_initialized():
         dist.destroy_process_group()
-    if master and start >= args.epochs:
-        print(f"the run in {args.out} is finished ({start} of {args.epochs} epochs): nothing to "
-              "train; a larger --epochs continues it")
-        return run
     if master and epoch > start:
         plot_curves(args.out)
     if master and epoch == args.epochs:
@@ -1365,8 +1372,10 @@ def run_probe(target_encoder, args, device, autocast, ckpt_path=None):
     randomly initialised encoder of the same shape and on the raw pixels (where they fit in
     1 GB), so that its number can be judged. Prints a table and writes it as JSON: after
     pretraining probe.json, also added to the checkpoint at ckpt_path; with --probe-only
-    probe_<data>.json, beside the checkpoint and never over another result."""
+    probe_<data>.json beside the checkpoint, so that it never replaces the run's own probe."""
     if not has_val(args):
+        if ckpt_path is None:  # --probe-only: the probe is the whole job
+            raise CliError(f"--data {args.data} has no val/ folder to probe on")
         print(f"no {os.path.join(args.data, 'val')} folder: skipping the linear probe")
         return None
     t0 = time.time()
@@ -1395,7 +1404,7 @@ def run_probe(target_encoder, args, device, autocast, ckpt_path=None):
     for name, acc in results.items():
         print(f"| {name:<22} | {acc:5.2f}% |")
     if ckpt_path is None:  # --probe-only: named by the data it probed
-        name = "demo" if args.data is None else os.path.basename(os.path.normpath(args.data))
+        name = "demo" if args.data is None else os.path.basename(os.path.abspath(args.data))
         path = os.path.join(args.out, f"probe_{name}.json")
     else:
         path = os.path.join(args.out, "probe.json")
@@ -1476,7 +1485,7 @@ def benchmark(args, device, autocast):
     images = torch.randn(B, 3, args.img_size, args.img_size, device=device)
     t0 = time.perf_counter()
     masks = [sample_masks(B, grid, grid, gen, **mask_config(args)) for _ in range(steps + 1)]
-    mask_ms = 1000 * (time.perf_counter() - t0) / (steps + 1)  # the loop's own CPU work per batch
+    mask_ms = 1000 * (time.perf_counter() - t0) / (steps + 1)  # a loader worker's, per batch
     name = torch.cuda.get_device_name(device) if cuda else f"CPU, {torch.get_num_threads()} threads"
     runs, seconds, memory, first_step = {}, {}, {}, {}
     for path in ("eager", "compiled") if args.compile else ("eager",):
@@ -1645,8 +1654,8 @@ def show_default(value):
 
 def with_defaults(args):
     """Fill every option not given from a recipe: --recipe small, else DEMO without --data, else
-    PRETRAIN (which --benchmark always uses). A recipe's min_keep that cannot fit the patch grid
-    is lowered to the largest that fits, and said once."""
+    PRETRAIN (which --benchmark uses too). A recipe's min_keep that cannot fit the patch grid is
+    lowered to the largest that fits, and said once."""
     if args.recipe == "small":
         recipe = SMALL
     elif args.data is None and not args.benchmark:
@@ -1675,12 +1684,17 @@ def with_defaults(args):
 
 
 def first_image_size(data):
-    """The shorter side of the first image in data/train, for --recipe small (28 if none)."""
+    """The shorter side of the first readable image in data/train, for --recipe small."""
     try:
-        first = datasets.ImageFolder(os.path.join(data, "train")).samples[0][0]
-        return min(load_rgb(first).size)
-    except (OSError, FileNotFoundError, IndexError):
+        samples = datasets.ImageFolder(os.path.join(data, "train")).samples
+    except (OSError, FileNotFoundError):
         return 28  # load_images will say what is wrong with the folder
+    for path, _ in samples[:100]:
+        try:
+            return min(load_rgb(path).size)
+        except (OSError, ValueError, SyntaxError):  # unreadable: SafeImageFolder skips it too
+            continue
+    return 28
 
 
 def target_areas(H, W, target_scale, target_aspect=TARGET_ASPECT):
@@ -1715,9 +1729,14 @@ def check_masks_fit(H, W, target_scale, min_keep):
 
 def check_args(args):
     """One-line errors for settings that cannot work, before anything runs."""
+    if args.recipe == "small" and args.data is None and not args.benchmark:
+        raise CliError("--recipe small is for your own images: give --data DIR (without "
+                       "--data, python cjepa.py runs the demo)")
     if args.data is None and not args.benchmark and args.img_size != 28:
-        raise CliError(f"--img-size {args.img_size}: the demo set's images are 28 x 28 px; give "
-                       "--data for other sizes")
+        raise CliError(f"the demo set's images are 28 x 28 px, not {args.img_size}: give --data "
+                       "DIR for other image sizes (and to probe an official checkpoint)")
+    if args.probe_only and args.probe_epochs < 1:
+        raise CliError("--probe-only needs --probe-epochs 1 or more")
     if args.img_size % args.patch_size:
         raise CliError(f"--img-size {args.img_size} is not a multiple of the patch size "
                        f"{args.patch_size}")
@@ -1752,6 +1771,7 @@ def main(argv=None):
             encoder, _, saved = load_encoders(args.probe_only, args.arch, args.img_size or 224)
             args.arch, args.img_size, args.patch_size = saved.arch, saved.img_size, saved.patch_size
             args.data = args.data or getattr(saved, "data", None)
+            args.recipe = args.recipe or getattr(saved, "recipe", None)
             args.probe_blocks = args.probe_blocks or getattr(saved, "probe_blocks", None)
             with_defaults(args)
         check_args(args)

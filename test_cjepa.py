@@ -690,8 +690,16 @@ def test_a_new_run_never_clobbers_an_old_one(tmp_path, capsys):
     code, err = run_main(["--data", data, "--out", out, *TINY, "--epochs", "1", "--vicreg", "0"], capsys)
     assert_one_line_error(code, err, "holds a run already", "--resume", "--overwrite")
     assert_same_run(before, load(out))
+    other = str(tmp_path / "other")  # --resume another run's checkpoint into this folder: refused too
+    assert run_main(["--data", data, "--out", other, *TINY, "--epochs", "1"], capsys)[0] == 0
+    code, err = run_main(["--data", data, "--out", out, *TINY, "--epochs", "2", "--resume",
+                          os.path.join(other, "checkpoint.pt")], capsys)
+    assert_one_line_error(code, err, "holds a run already")
     assert run_main(["--data", data, "--out", out, *TINY, "--epochs", "1", "--overwrite"], capsys)[0] == 0
     assert log_epochs(out) == [1] and load(out)["epoch"] == 1  # the old run's log went with it
+    assert_one_line_error(*run_main(["--recipe", "small", "--out", str(tmp_path / "s")], capsys), "give --data DIR")
+    code, err = run_main(["--probe-only", os.path.join(out, "checkpoint.pt"), "--device", "cpu"], capsys)
+    assert_one_line_error(code, err, "has no val/ folder to probe on")
 
 
 def test_recipes_fit_any_grid_and_help_shows_every_default(capsys):
@@ -729,7 +737,7 @@ def test_short_and_finished_runs_say_so(tmp_path, capsys):
     before = load(out)
     cjepa.main(["--data", data, "--out", out, *TINY, "--epochs", "1", "--warmup", "2",
                 "--resume", os.path.join(out, "checkpoint.pt")])
-    assert "is finished (1 of 1 epochs): nothing to train" in capsys.readouterr().out
+    assert "nothing to train: the checkpoint has 1 of 1 epochs; the run is finished" in capsys.readouterr().out
     assert_same_run(before, load(out))
     assert log_epochs(out) == [1]
 

@@ -82,8 +82,7 @@ def image_files(paths):
     images = []
     for f in files:
         try:
-            with Image.open(f) as im:
-                images.append((os.path.basename(f), im.convert("RGB")))
+            images.append((os.path.basename(f), cjepa.load_rgb(f)))  # (16-bit images scaled, not clipped)
         except (OSError, ValueError, SyntaxError) as e:  # what PIL raises on files it cannot read
             raise CliError(f"{f}: not a readable image ({e})") from None
     return images
