@@ -1132,10 +1132,7 @@ def pretrain(args, rank, world, device, autocast):
                        f"({args.batch_size} x {world} processes): lower --batch-size")
     ckpt_path = os.path.join(args.out, "checkpoint.pt")
     log_path = os.path.join(args.out, "log.jsonl")
-    resumes_here = args.resume and os.path.abspath(args.resume) == os.path.abspath(ckpt_path)
-    if os.path.exists(ckpt_path) and not resumes_here and not args.overwrite:
-        raise CliError(f"{args.out} holds a run already: continue it with --resume {ckpt_path}, "
-                       "give another --out, or replace it with --overwrite")
+    check_run_folder(args, ckpt_path)
     if args.data is not None and has_val(args):
         load_images(args, "val", augment=False)  # a val/ class that train/ lacks: say it now
     batches = EpochBatches(train_set, args, rank, world)
@@ -1222,6 +1219,14 @@ def warn_if_too_short(args, iters):
     elif steps < 500:
         print(f"warning: only {steps} training steps: too few to learn much (the demo takes "
               "936); compare the probe with its random-init baseline", file=sys.stderr)
+
+
+def check_run_folder(args, ckpt_path):
+    """A new run never writes over another run's checkpoint."""
+    resumes_here = args.resume and os.path.abspath(args.resume) == os.path.abspath(ckpt_path)
+    if os.path.exists(ckpt_path) and not resumes_here and not args.overwrite:
+        raise CliError(f"{args.out} holds a run already: continue it with --resume {ckpt_path}, "
+                       "give another --out, or replace it with --overwrite")
 
 
 def make_run_folder(out):
