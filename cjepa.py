@@ -560,22 +560,8 @@ def load_rgb(path):
 
 class SafeImageFolder(datasets.ImageFolder):
     """An ImageFolder that replaces an unreadable image by the next readable one, with a warning
-    each time a process first meets it: once per run with --workers 0, else once per loader
-    worker and epoch. With `classes` (train's), its labels follow those classes by name, so
-    that a val/ folder without one of them does not shift the others."""
-
-    def __init__(self, root, transform, classes=None):
-        self.train_classes = classes
-        super().__init__(root, transform, loader=load_rgb)
-
-    def find_classes(self, directory):
-        classes, class_to_idx = super().find_classes(directory)
-        if self.train_classes is None:
-            return classes, class_to_idx
-        unknown = sorted(set(classes) - set(self.train_classes))
-        if unknown:
-            raise CliError(f"{directory} has classes that train/ has not: {', '.join(unknown[:5])}")
-        return classes, {c: self.train_classes.index(c) for c in classes}
+    the first time a process meets it (with --workers 0, once per run; else once per loader
+    worker and epoch)."""
 
     def __getitem__(self, i):
         for j in range(i, i + len(self)):
@@ -583,43 +569,40 @@ class SafeImageFolder(datasets.ImageFolder):
             try:
                 return super().__getitem__(j)
             except (OSError, ValueError, SyntaxError) as e:  # what PIL raises on corrupt files
-                path = self.samples[j][0]
-                print(f"warning: skipping unreadable image {path} ({e})", file=sys.stderr)
+                print(f"warning: skipping unreadable image {self.samples[j][0]} ({e})",
+                      file=sys.stderr)
                 self.samples[j] = self.samples[(j + 1) % len(self)]  # not again in this process
         raise CliError(f"no readable image in {self.root}")
 
 
 def make_dataset(args, split, augment):
-    """split 'train' or 'val'. augment: the pretraining augmentation (RandomResizedCrop; on the
-    demo set, horizontal flips); else a resize and center crop (the demo set: none)."""
+    """split 'train' or 'val'. augment: RandomResizedCrop (the demo set: horizontal flips), else
+    a resize and a center crop (the demo set: the images as they are)."""
     if args.data is None:
-        dataset = DemoImages("train" if split == "train" else "test", augment)
-    else:
-        dataset = image_folder(args, split, augment)
-    if args.subset:  # quick checks: a random N, fixed by --seed
-        dataset = random_part(dataset, args.subset, args.seed, split, "subset")
-    return dataset
-
-
-def image_folder(args, split, augment):
+        return random_part(DemoImages("train" if split == "train" else "test", augment),
+                           args.subset, args.seed, split, "subset")
     root = os.path.join(args.data, split)
-    if not os.path.isdir(args.data):
-        raise CliError(f"--data {args.data}: no such folder")
     if not os.path.isdir(root):
-        raise CliError(f"--data {args.data} has no {split}/ folder: expected an ImageFolder tree "
+        where = "no such folder" if not os.path.isdir(args.data) else f"has no {split}/ folder"
+        raise CliError(f"--data {args.data}: {where}: expected an ImageFolder tree "
                        f"{args.data}/{split}/<class>/<image>")
     if augment:
         crop = [T.RandomResizedCrop(args.img_size, scale=(0.3, 1.0))]
     else:
         crop = [T.Resize(args.img_size * 256 // 224), T.CenterCrop(args.img_size)]
     transform = T.Compose(crop + [T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
-    classes = None
-    if split != "train":  # labels by class name, as train/ numbers them
-        classes = datasets.folder.find_classes(os.path.join(args.data, "train"))[0]
     try:
-        return SafeImageFolder(root, transform, classes)
+        dataset = SafeImageFolder(root, transform, loader=load_rgb)
     except FileNotFoundError as e:  # no class folders, or no images in them
         raise CliError(f"{root}: {e}") from None
+    if split != "train":  # labels by class name, as train/ numbers them, so that none shifts
+        train_classes = datasets.folder.find_classes(os.path.join(args.data, "train"))[0]
+        unknown = sorted(set(dataset.classes) - set(train_classes))
+        if unknown:
+            raise CliError(f"{root} has classes that train/ has not: {', '.join(unknown[:5])}")
+        dataset.samples = [(path, train_classes.index(dataset.classes[label]))
+                           for path, label in dataset.samples]
+    return random_part(dataset, args.subset, args.seed, split, "subset")
 
 
 def seed_of(*keys):
@@ -629,8 +612,9 @@ def seed_of(*keys):
 
 
 def random_part(dataset, n, *keys):
-    """A random n of the dataset's items (all if it has no more), the same for the same keys."""
-    if n >= len(dataset):
+    """A random n of the dataset's items, in their order and fixed by the keys; all if n is None
+    or not smaller."""
+    if not n or n >= len(dataset):
         return dataset
     chosen = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed_of(*keys)))
     return torch.utils.data.Subset(dataset, chosen[:n].sort().values.tolist())
@@ -644,15 +628,14 @@ class EpochBatches(torch.utils.data.Dataset):
     its collate function): the training process does no mask work between steps."""
 
     def __init__(self, dataset, args, rank, world):
-        self.dataset, self.args, self.rank = dataset, args, rank
+        self.dataset, self.args, self.rank, self.world = dataset, args, rank, world
         self.per_rank = len(dataset) // (args.batch_size * world)  # whole global batches only
-        self.world, self.epoch = world, 0
 
     def __len__(self):
         return self.per_rank
 
     def set_epoch(self, epoch):
-        """The epoch's order: one permutation, the same on every rank; rank r takes every
+        """One permutation of the images per epoch, the same on every rank; rank r takes every
         world-th image of it."""
         self.epoch = epoch
         gen = torch.Generator().manual_seed(seed_of(self.args.seed, epoch))
@@ -682,7 +665,7 @@ def mask_config(args):
 # 7. Devices, DDP and AMP
 # =============================================================================================
 def setup(args):
-    """Pick the device and precision, and join the process group under torchrun.
+    """The device, the precision and, under torchrun, the process group.
     Returns (rank, world size, device, autocast context)."""
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     args.world = world  # saved with the run: a resume on another number of processes is warned of
@@ -731,13 +714,9 @@ def all_finite(loss):
     """Is the loss finite on every rank? (Under DDP a rank that stopped alone would leave the
     others waiting in their backward's all-reduce.)"""
     finite = torch.isfinite(loss).float()
-    if distributed():
+    if dist.is_initialized():
         dist.all_reduce(finite, op=dist.ReduceOp.MIN)
     return bool(finite)
-
-
-def distributed():
-    return dist.is_available() and dist.is_initialized()
 
 
 class GatherBatch(torch.autograd.Function):
@@ -761,9 +740,7 @@ class GatherBatch(torch.autograd.Function):
 
 def gather_batch(x):
     """The global batch under DDP; x itself in a single process."""
-    if distributed():
-        return GatherBatch.apply(x)
-    return x
+    return GatherBatch.apply(x) if dist.is_initialized() else x
 
 
 def wrap_ddp(run, device):
@@ -777,9 +754,7 @@ def wrap_ddp(run, device):
 
 def unwrap(model):
     """The model inside a DDP wrapper (the one whose state dict a checkpoint holds)."""
-    if isinstance(model, nn.parallel.DistributedDataParallel):
-        return model.module
-    return model
+    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
 
 
 def compile_blocks(run):
@@ -802,10 +777,11 @@ TRAIN_KEYS = ("data", "epochs", "batch_size", "lr", "start_lr", "final_lr", "war
               "context_scale", "min_keep", "clip", "seed", "world")
 
 
-def save_checkpoint(path, run, epoch, args, step=0, progress=None):
-    """Save the run, then rewrite log.jsonl beside it from the log the checkpoint holds, so that
-    the two always agree. epoch: the epochs done; step: the batches done of the next one, with
+def save_checkpoint(run, args, epoch, step=0, progress=None):
+    """Save the run in args.out, then rewrite log.jsonl from the log the checkpoint holds: the
+    two always agree. epoch: the epochs done; step: the batches done of the next one, with
     progress, that epoch's sums so far (a mid-epoch save)."""
+    path = os.path.join(args.out, "checkpoint.pt")
     ckpt = dict(encoder=unwrap(run["encoder"]).state_dict(),
                 predictor=unwrap(run["predictor"]).state_dict(),
                 target_encoder=run["target_encoder"].state_dict(),
@@ -817,7 +793,7 @@ def save_checkpoint(path, run, epoch, args, step=0, progress=None):
         previous = "the previous one is intact" if os.path.exists(path) else "there is none yet"
         raise CliError(f"could not write the checkpoint {path} ({e.strerror or e}); "
                        f"{previous}") from None
-    with open(os.path.join(os.path.dirname(path), "log.jsonl"), "w") as f:
+    with open(os.path.join(args.out, "log.jsonl"), "w") as f:
         f.writelines(json.dumps(line) + "\n" for line in run["log"])
 
 
@@ -847,46 +823,34 @@ def read_checkpoint(path):
         raise CliError(f"{path} is not a checkpoint ({type(e).__name__}: {first_line})") from None
 
 
-def load_checkpoint(path, args=None):
-    """One of our checkpoints; with args (a --resume), its architecture must be theirs, and
-    other settings that differ are listed in a warning."""
+def resume(run, path, args):
+    """Restore a run from one of our checkpoints, of the same architecture (other settings that
+    differ are listed in a warning). Returns (epochs done, batches done of the next epoch,
+    that epoch's progress so far or None)."""
     ckpt = read_checkpoint(path)
     if not isinstance(ckpt, dict) or not isinstance(ckpt.get("args"), dict):
         raise CliError(f"{path} is not a C-JEPA checkpoint of this project (no 'args' entry)")
     saved = ckpt["args"]
-    if args is None:
-        return ckpt
     diff = [f"{k} {saved.get(k)} vs {getattr(args, k)}"
             for k in ARCH_KEYS if saved.get(k) != getattr(args, k)]
     if diff:
         raise CliError(f"{path} is of another architecture (checkpoint vs now): {', '.join(diff)}")
-    # (argparse gives lists where the recipes have tuples: compare their items)
     changed = [f"{k} {saved[k]} -> {getattr(args, k)}" for k in TRAIN_KEYS if k in saved
-               and json.dumps(saved[k]) != json.dumps(getattr(args, k))]
+               and json.dumps(saved[k]) != json.dumps(getattr(args, k))]  # (tuples == lists)
     if changed and int(os.environ.get("RANK", 0)) == 0:
         print(f"warning: resuming with other settings than the checkpoint's: {', '.join(changed)}",
               file=sys.stderr)
-    return ckpt
-
-
-def resume(run, path, args):
-    """Restore a run from one of our checkpoints; returns (epochs done, batches done of the next
-    epoch, that epoch's progress so far or None)."""
-    ckpt = load_checkpoint(path, args)
     unwrap(run["encoder"]).load_state_dict(ckpt["encoder"])
     unwrap(run["predictor"]).load_state_dict(ckpt["predictor"])
     run["target_encoder"].load_state_dict(ckpt["target_encoder"])
-    # fused AdamW (CUDA) or not is this machine's choice, not the checkpoint's
-    for group in ckpt["opt"]["param_groups"]:
+    for group in ckpt["opt"]["param_groups"]:  # fused AdamW (CUDA) or not: this machine's choice
         group["fused"] = run["opt"].defaults["fused"]
     run["opt"].load_state_dict(ckpt["opt"])
     if ckpt["scaler"]:  # empty unless the run used fp16
         run["scaler"].load_state_dict(ckpt["scaler"])
-    if "log" in ckpt:
-        run["log"] = ckpt["log"]
-    else:  # a checkpoint from before the log was kept in it: the lines of log.jsonl beside it
-        log = read_log(os.path.dirname(path))
-        run["log"] = [line for line in log if line["epoch"] <= ckpt["epoch"]]
+    # (a checkpoint from before the log was kept in it: the lines of log.jsonl beside it)
+    old_log = [line for line in read_log(os.path.dirname(path)) if line["epoch"] <= ckpt["epoch"]]
+    run["log"] = ckpt.get("log", old_log)
     return ckpt["epoch"], ckpt.get("step", 0), ckpt.get("progress")
 
 
@@ -903,7 +867,7 @@ def load_encoders(path, arch=None, img_size=224):
         cfg = argparse.Namespace(**ckpt["args"])
     elif arch is None:
         raise CliError(f"{path} has no 'args' (an official I-JEPA checkpoint?): name its "
-                       f"architecture with --arch{guess_arch(ckpt['target_encoder'])}")
+                       "architecture with --arch, and its image size with --img-size")
     else:
         cfg = argparse.Namespace(arch=arch, img_size=img_size, patch_size=ARCHS[arch][3])
     cfg.epoch = ckpt.get("epoch")
@@ -916,24 +880,10 @@ def load_encoders(path, arch=None, img_size=224):
             model.load_state_dict(state, assign=True)  # strict: each weight has its place
         except RuntimeError as e:  # its 2nd line names the first missing, unexpected or misfit key
             problem = str(e).splitlines()[1].strip()[:200]
-            raise CliError(f"{path}: the {key} weights do not fit {cfg.arch} at {cfg.img_size} "
-                           f"px: {problem}{guess_arch(state)}") from None
+            raise CliError(f"{path}: the {key} weights do not fit --arch {cfg.arch} at "
+                           f"--img-size {cfg.img_size}: {problem}") from None
         encoders.append(model.eval())
     return encoders[0], encoders[1], cfg
-
-
-def guess_arch(state):
-    """A hint for an error message: the --arch and --img-size that an encoder's weights fit."""
-    state = {k.removeprefix("module."): v for k, v in state.items()}
-    if "patch_embed.proj.weight" not in state or "pos_embed" not in state:
-        return ""
-    width, _, patch, _ = state["patch_embed.proj.weight"].shape
-    depth = len({k.split(".")[1] for k in state if k.startswith("blocks.")})
-    size = math.isqrt(state["pos_embed"].shape[1]) * patch
-    for name, (w, d, _, p) in ARCHS.items():
-        if (w, d, p) == (width, depth, patch):
-            return f"; the weights look like {name} at {size} px (--arch {name} --img-size {size})"
-    return ""
 
 
 # =============================================================================================
@@ -961,17 +911,6 @@ def ignore_stop_signals(worker_id):
         signal.signal(signum, signal.SIG_IGN)
 
 
-def poll(run, args, device):
-    """After a step: (the stop signal or 0, whether a timed save is due), agreed by every rank
-    so that they all stop, or save, after the same step."""
-    due = args.save_every > 0 and time.time() - run["last_save"] >= 60 * args.save_every
-    flags = torch.tensor([STOP["signum"], int(due)])
-    if distributed():  # (NCCL reduces GPU tensors only)
-        flags = flags.to(device)
-        dist.all_reduce(flags, op=dist.ReduceOp.MAX)
-    return int(flags[0]), bool(flags[1])
-
-
 def collapse_monitors(pooled):
     """pooled [n, D] target features -> (mean per-feature std, effective rank). The std alone
     misses dimensional collapse (features that vary but along few directions); the rank does
@@ -983,13 +922,12 @@ def collapse_monitors(pooled):
     return x.std(dim=0).mean().item(), erank.item()
 
 
-def train_epoch(run, batches, epoch, args, rank, world, device, progress=None):
-    """One pass over the data, from the step that `progress` (a resumed run's) reached. Saves
-    mid-epoch when --save-every says so, or when a stop signal came: then it returns None, else
+def train_epoch(run, batches, epoch, args, rank, world, device, progress):
+    """One pass over the data, from the step that a resumed run's progress reached. Saves
+    mid-epoch when --save-every says so or a stop signal came (then returns None). Returns
     the epoch's log line."""
-    iters, ckpt_path = len(batches), os.path.join(args.out, "checkpoint.pt")
+    iters = len(batches)
     total, warmup_steps = iters * args.epochs, round(args.warmup * iters)
-    progress = progress or dict(step=0, sums=0, pooled=[], seconds=0.0)
     if torch.is_tensor(progress["sums"]):  # a resumed run's, loaded to the CPU
         progress["sums"] = progress["sums"].to(device)
     batches.set_epoch(epoch)
@@ -1007,7 +945,8 @@ def train_epoch(run, batches, epoch, args, rank, world, device, progress=None):
             try:
                 terms, target_means = train_step(run, images, ctx_idx, tgt_idx, lr, wd, m, args)
             except FloatingPointError as e:
-                last = ckpt_path if os.path.exists(ckpt_path) else "none yet"
+                last = os.path.join(args.out, "checkpoint.pt")
+                last = last if os.path.exists(last) else "none yet"
                 raise CliError(f"{e} at epoch {epoch + 1}, step {i + 1}: stopped before any "
                                f"weight changed; last good checkpoint: {last}. Lower --lr, or "
                                "try --precision fp32") from None
@@ -1015,19 +954,29 @@ def train_epoch(run, batches, epoch, args, rank, world, device, progress=None):
             bar.update()
             if i % 10 == 0:
                 bar.set_postfix(loss=f"{terms['loss'].item():.4f}", lr=f"{lr:.1e}")
-            signum, save_due = poll(run, args, device)
+            # after the same step on every rank: a stop signal, or a timed save (--save-every)
+            due = args.save_every > 0 and time.time() - run["last_save"] >= 60 * args.save_every
+            signum, save_due = all_ranks_max([STOP["signum"], int(due)], device)
             if signum or save_due:
                 so_far = progress_to_save(progress, time.time() - t0, world)
                 if rank == 0:
-                    save_checkpoint(ckpt_path, run, epoch, args, step=i + 1, progress=so_far)
+                    save_checkpoint(run, args, epoch, step=i + 1, progress=so_far)
                 run["last_save"] = time.time()
             if signum:
                 if world > 1:
                     dist.barrier()  # no rank exits before rank 0 has saved
                 say_stopped(signum, f"at epoch {epoch + 1}, step {i + 1}", args, rank)
                 return None
-    seconds = progress["seconds"] + time.time() - t0
-    return log_line(progress, epoch, iters, seconds, args, world)
+    return log_line(progress, epoch, iters, progress["seconds"] + time.time() - t0, args, world)
+
+
+def all_ranks_max(values, device):
+    """The largest of each value over all ranks (NCCL reduces GPU tensors only)."""
+    values = torch.tensor(values)
+    if dist.is_initialized():
+        values = values.to(device)
+        dist.all_reduce(values, op=dist.ReduceOp.MAX)
+    return values.tolist()
 
 
 def record(progress, terms, target_means):
@@ -1084,8 +1033,9 @@ def train(run, batches, start, last_epoch, progress, args, rank, world, device):
     previous = {signum: signal.signal(signum, on_stop_signal) for signum in STOP_SIGNALS}
     try:
         for epoch in range(start, last_epoch):
+            fresh = dict(step=0, sums=0, pooled=[], seconds=0.0)
             line = train_epoch(run, batches, epoch, args, rank, world, device,
-                               progress if epoch == start else None)
+                               progress if epoch == start and progress else fresh)
             if line is None:  # a stop signal: saved mid-epoch
                 return epoch
             if monitor:
@@ -1095,7 +1045,7 @@ def train(run, batches, start, last_epoch, progress, args, rank, world, device):
                 line["knn_seconds"] = round(time.time() - t0, 1)
             run["log"].append(line)
             if rank == 0:
-                save_checkpoint(os.path.join(args.out, "checkpoint.pt"), run, epoch + 1, args)
+                save_checkpoint(run, args, epoch + 1)
                 tqdm.write(" ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
                                     for k, v in line.items()))
             run["last_save"] = time.time()
@@ -1141,7 +1091,7 @@ def pretrain(args, rank, world, device, autocast):
               f"process(es) on {device}, {args.precision}, epochs {start + 1}-{last_epoch} of "
               f"{args.epochs}{at}, run folder {args.out}")
     epoch = train(run, batches, start, last_epoch, progress, args, rank, world, device)
-    if distributed():
+    if dist.is_initialized():
         dist.destroy_process_group()
     if rank == 0 and not STOP["signum"] and epoch > start:
         plot_curves(args.out)
@@ -1498,43 +1448,36 @@ def benchmark_data(args):
 # 12. Command line
 # =============================================================================================
 def parse_args(argv=None):
-    """The flags: one per recipe setting (its help and its default in each recipe come from the
-    recipes), then those of no recipe. The defaults are filled in by with_defaults."""
-    p = argparse.ArgumentParser(
-        description="C-JEPA self-supervised pretraining. With no --data: the built-in demo. "
-        "Each setting's default comes from a recipe, shown as (demo | --data | --recipe small).")
-    p.add_argument("--data", help="ImageFolder root with train/<class>/* (and val/<class>/* for "
+    """A flag for each recipe setting, with its help and its default in each recipe, then the
+    flags of no recipe. The recipe's defaults are filled in by with_defaults."""
+    p = argparse.ArgumentParser(description="C-JEPA pretraining; with no --data, the built-in "
+                                "demo. A setting's defaults: (demo | --data | --recipe small).")
+    p.add_argument("--data", help="an ImageFolder tree: train/<class>/* (and val/<class>/* for "
                    "the probe and the k-NN monitor)")
-    p.add_argument("--recipe", choices=("small",), help="small: the demo's settings for your own "
-                   "small images, minutes on a CPU (default: the demo without --data, the "
-                   "published ViT-B/16 settings with it)")
+    p.add_argument("--recipe", choices=("small",), help="the demo's settings for your own small "
+                   "images, minutes on a CPU")
     for name, (value, text) in SETTINGS.items():
         kind = dict(type=float, nargs=2) if isinstance(value, tuple) else dict(type=type(value))
-        if name == "arch":
-            kind["choices"] = ARCHS
         defaults = " | ".join(show_default(recipe[name]) for recipe in (DEMO, PRETRAIN, SMALL))
-        p.add_argument("--" + name.replace("_", "-"), help=f"{text} ({defaults})", **kind)
+        p.add_argument("--" + name.replace("_", "-"), help=f"{text} ({defaults})",
+                       choices=ARCHS if name == "arch" else None, **kind)
     p.add_argument("--patch-size", type=int, help="override the architecture's patch size")
     p.add_argument("--resume", metavar="CKPT", help="continue a run from its checkpoint")
-    p.add_argument("--overwrite", action="store_true",
-                   help="start a new run in an --out folder that holds one")
-    p.add_argument("--stop-after", type=int, metavar="EPOCH",
-                   help="stop after this epoch; --resume continues")
-    p.add_argument("--probe-only", metavar="CKPT", help="only run the linear probe of a "
-                   "checkpoint: ours, or an official I-JEPA one (then give --arch and --data)")
+    p.add_argument("--overwrite", action="store_true", help="start a new run in a used --out")
+    p.add_argument("--stop-after", type=int, metavar="EPOCH", help="stop after this epoch")
+    p.add_argument("--probe-only", metavar="CKPT", help="only probe a checkpoint: ours, or an "
+                   "official I-JEPA one (then give --arch, --img-size and --data)")
     p.add_argument("--device", help="cuda, cuda:N or cpu (default: cuda if there is one)")
     p.add_argument("--precision", choices=("bf16", "fp16", "fp32"), help="default: bf16 on "
-                   "CUDA (fp16 on GPUs without bf16), fp32 on a CPU; bf16 also runs on a CPU")
+                   "CUDA (fp16 on GPUs without bf16), fp32 on a CPU; bf16 runs on a CPU too")
     p.add_argument("--seed", type=int, default=0, help="(default 0)")
-    p.add_argument("--subset", type=int, help="use only a fixed random N images of each split "
-                   "(quick checks)")
-    p.add_argument("--dist-timeout", type=float, default=10.0,
-                   help="minutes a rank waits in a collective: for a dead peer, and for rank 0's "
-                   "k-NN monitor and saves (default 10)")
+    p.add_argument("--subset", type=int, metavar="N", help="a fixed random N images of each split")
+    p.add_argument("--dist-timeout", type=float, default=10.0, metavar="MINUTES", help="how "
+                   "long a rank waits for the others: a dead peer, rank 0's saves (default 10)")
     p.add_argument("--compile", action="store_true", help="torch.compile every transformer block")
     p.add_argument("--benchmark", action="store_true", help="time training steps on random "
-                   "images: the --data recipe, but at batch 32 where there is no CUDA (minutes "
-                   "for ViT-B/16 on a CPU)")
+                   "images: the --data recipe, at batch 32 where there is no CUDA (minutes for "
+                   "ViT-B/16 on a CPU)")
     args = p.parse_args(argv)
     if args.probe_only:  # the defaults come once the checkpoint is read
         return args
@@ -1542,11 +1485,9 @@ def parse_args(argv=None):
 
 
 def show_default(value):
-    if value is None:  # SMALL's image size
-        return "first image"
     if isinstance(value, tuple):
         return " ".join(str(v) for v in value)
-    return str(value)
+    return "first image" if value is None else str(value)  # (None: SMALL's image size)
 
 
 def with_defaults(args):
@@ -1598,11 +1539,8 @@ def first_image_size(data):
 
 def target_areas(H, W, target_scale, target_aspect=TARGET_ASPECT):
     """The smallest and largest area (in patches) a target block can have."""
-    areas = []
-    for scale in target_scale:
-        for aspect in torch.linspace(target_aspect[0], target_aspect[1], 101).tolist():
-            h, w = block_shape(scale, aspect, H, W)
-            areas.append(h * w)
+    aspects = torch.linspace(target_aspect[0], target_aspect[1], 101).tolist()
+    areas = [math.prod(block_shape(s, a, H, W)) for s in target_scale for a in aspects]
     return min(areas), max(areas)
 
 
@@ -1634,28 +1572,20 @@ def check_args(args):
     if args.data is None and not args.benchmark and args.img_size != 28:
         raise CliError(f"the demo set's images are 28 x 28 px, not {args.img_size}: give --data "
                        "DIR for other image sizes (and to probe an official checkpoint)")
-    if args.probe_only and args.probe_epochs < 1:
-        raise CliError("--probe-only needs --probe-epochs 1 or more")
-    if args.img_size % args.patch_size:
-        raise CliError(f"--img-size {args.img_size} is not a multiple of the patch size "
-                       f"{args.patch_size}")
     width, depth, heads, _ = ARCHS[args.arch]
+    least = dict(batch_size=2, epochs=1, pred_depth=1, n_targets=1, probe_blocks=1, workers=0,
+                 save_every=0, probe_epochs=1 if args.probe_only else 0)  # (VICReg needs 2 images)
+    for name, value in least.items():
+        if getattr(args, name) < value:
+            raise CliError(f"--{name.replace('_', '-')} must be at least {value}")
+    if args.probe_blocks > depth:
+        raise CliError(f"--probe-blocks {args.probe_blocks} is more than the depth {depth}")
     if args.pred_width % 4 or args.pred_width % heads:
         raise CliError(f"--pred-width {args.pred_width} must be a multiple of 4 and of the "
                        f"{heads} heads")
-    if not 1 <= args.probe_blocks <= depth:
-        raise CliError(f"--probe-blocks {args.probe_blocks} must be between 1 and the depth "
-                       f"{depth}")
-    if args.pred_depth < 1 or args.n_targets < 1:
-        raise CliError("--pred-depth and --n-targets must be at least 1")
-    if args.batch_size < 2:  # VICReg's variance needs two images
-        raise CliError(f"--batch-size {args.batch_size} (per process) must be at least 2")
-    if args.workers < 0:
-        raise CliError("--workers must be 0 or more")
-    if args.epochs < 1:
-        raise CliError(f"--epochs {args.epochs}: a run needs at least 1 epoch")
-    if args.save_every < 0:
-        raise CliError("--save-every must be 0 (off) or more minutes")
+    if args.img_size % args.patch_size:
+        raise CliError(f"--img-size {args.img_size} is not a multiple of the patch size "
+                       f"{args.patch_size}")
     if not args.probe_only:
         grid = args.img_size // args.patch_size
         check_masks_fit(grid, grid, args.target_scale, args.min_keep)
@@ -1690,7 +1620,7 @@ def main(argv=None):
         print(f"cjepa.py: error: {e}", file=sys.stderr)
         sys.exit(2)
     finally:
-        if distributed():
+        if dist.is_initialized():
             dist.destroy_process_group()
 
 

@@ -199,7 +199,7 @@ def read_run(folder):
     log_path, ckpt_path = os.path.join(folder, "log.jsonl"), os.path.join(folder, "checkpoint.pt")
     if not os.path.exists(log_path) or not os.path.exists(ckpt_path):
         raise CliError(f"--curves {folder}: not a run folder (no log.jsonl and checkpoint.pt)")
-    settings = cjepa.load_checkpoint(ckpt_path)["args"]
+    settings = cjepa.read_checkpoint(ckpt_path)["args"]
     with open(log_path) as f:
         log = [json.loads(line) for line in f]
     if not any("knn" in line for line in log):
