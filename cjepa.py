@@ -67,7 +67,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 # The recipes. Every flag not given on the command line takes its value from one of them.
 # =============================================================================================
 # The published C-JEPA ViT-B/16 settings (I-JEPA's, plus beta_vicreg): with --data, and for
-# --benchmark. Each setting: (its value, what it is), and what it is is its --help.
+# --benchmark (at batch 32 on a machine without CUDA). Each setting: (value, its --help text).
 SETTINGS = dict(
     arch=("vit_b16", "the encoder: a preset of ARCHS (section 1)"),
     img_size=(224, "images are resized and cropped to this size"),
@@ -112,22 +112,23 @@ DEMO = PRETRAIN | dict(
     vicreg=0.01,  # 0.001 (the paper's) to 0.05 all work here; 0.01 leads the k-NN monitor
     pred_width=64,  # half the encoder's width, as 384 is half of ViT-B's 768
     pred_depth=3,  # shallower than 6, as the encoder is 4 blocks deep, not 12
-    min_keep=4,  # 10 cannot fit a 7 x 7 grid, 6 or less can (a target block can have 6 patches)
+    min_keep=4,  # 10 cannot fit a 7 x 7 grid, 6 can (a target block may have 6 patches); the
+    # demo's results were all measured with 4
     clip=1.0,  # the paper clips nothing; every demo result in the README was measured with 1.0
     probe_blocks=4,  # the mean tokens of all 4 of vit_demo's blocks, side by side
     probe_epochs=30,  # the head trains on cached features: 30 epochs take seconds
     knn_images=1000,  # the whole demo set would cost half as much time as the training
     workers=0,  # the demo set is in memory: workers would only add start-up time
-    out="runs/demo",
+    out="runs/demo",  # the demo's run folder
     save_every=0.0,  # an epoch takes about 20 s: a checkpoint after each is enough
 )
 
 # --recipe small: the demo's settings for your own small images (--data DIR). The image size is
 # the shorter side of the first readable training image, unless --img-size says otherwise.
 SMALL = DEMO | dict(
-    img_size=None,
+    img_size=None,  # the first image's size
     workers=min(4, os.cpu_count() or 1),  # decoding image files: loader workers pay off here
-    out="runs/small",
+    out="runs/small",  # its run folder
 )
 
 # =============================================================================================
@@ -560,8 +561,8 @@ def load_rgb(path):
 
 class SafeImageFolder(datasets.ImageFolder):
     """An ImageFolder that replaces an unreadable image by the next readable one, with a warning
-    the first time a process meets it (with --workers 0, once per run; else once per loader
-    worker and epoch)."""
+    the first time a process meets it: in the training process (--workers 0) once per run, in
+    loader workers once per worker and epoch. (The probe's sets warn for themselves.)"""
 
     def __getitem__(self, i):
         for j in range(i, i + len(self)):
@@ -688,7 +689,13 @@ def setup(args):
     if "RANK" in os.environ:  # launched by torchrun; multi-node works the same (env:// rendezvous)
         # a rank that waits longer than this for a dead peer exits instead of hanging forever
         timeout = timedelta(minutes=args.dist_timeout)
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=timeout)
+        # torchrun keeps its store across the restarts of --max-restarts: each attempt takes keys
+        # of its own, or it could read the last group's addresses (pytorch/pytorch#135712)
+        store, _, _ = next(dist.rendezvous("env://", timeout=timeout))
+        attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=rank,
+                                store=dist.PrefixStore(f"attempt{attempt}/", store),
+                                world_size=world, timeout=timeout)
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.precision)
     autocast = torch.autocast(device.type, dtype=dtype) if dtype else nullcontext()
     return rank, world, device, autocast
@@ -824,9 +831,9 @@ def read_checkpoint(path):
 
 
 def resume(run, path, args):
-    """Restore a run from one of our checkpoints, of the same architecture (other settings that
-    differ are listed in a warning). Returns (epochs done, batches done of the next epoch,
-    that epoch's progress so far or None)."""
+    """Restore a run from one of our checkpoints, of the same architecture. The same command
+    continues a run with its own settings; --resume may change some, with a warning. Returns
+    (epochs done, batches done of the next epoch, that epoch's progress so far or None)."""
     ckpt = read_checkpoint(path)
     if not isinstance(ckpt, dict) or not isinstance(ckpt.get("args"), dict):
         raise CliError(f"{path} is not a C-JEPA checkpoint of this project (no 'args' entry)")
@@ -837,9 +844,16 @@ def resume(run, path, args):
         raise CliError(f"{path} is of another architecture (checkpoint vs now): {', '.join(diff)}")
     changed = [f"{k} {saved[k]} -> {getattr(args, k)}" for k in TRAIN_KEYS if k in saved
                and json.dumps(saved[k]) != json.dumps(getattr(args, k))]  # (tuples == lists)
+    if changed and not args.resume:
+        raise CliError(f"{args.out} holds a run with other settings (then -> now): "
+                       f"{', '.join(changed)}; give another --out, replace it with --overwrite, "
+                       f"or continue it with these settings with --resume {path}")
     if changed and int(os.environ.get("RANK", 0)) == 0:
         print(f"warning: resuming with other settings than the checkpoint's: {', '.join(changed)}",
               file=sys.stderr)
+    if not args.resume and int(os.environ.get("RANK", 0)) == 0:
+        print(f"{args.out} holds this run: continuing it after epoch {ckpt['epoch']}, step "
+              f"{ckpt.get('step', 0)}")
     unwrap(run["encoder"]).load_state_dict(ckpt["encoder"])
     unwrap(run["predictor"]).load_state_dict(ckpt["predictor"])
     run["target_encoder"].load_state_dict(ckpt["target_encoder"])
@@ -1020,9 +1034,8 @@ def log_line(progress, epoch, iters, seconds, args, world):
 
 def say_stopped(signum, where, args, rank):
     if rank == 0:
-        print(f"cjepa.py: stopped by {signal.Signals(signum).name} {where}; continue with the "
-              f"same command and --resume {os.path.join(args.out, 'checkpoint.pt')}",
-              file=sys.stderr)
+        print(f"cjepa.py: stopped by {signal.Signals(signum).name} {where}; the same command "
+              f"continues it from {os.path.join(args.out, 'checkpoint.pt')}", file=sys.stderr)
 
 
 def train(run, batches, start, last_epoch, progress, args, rank, world, device):
@@ -1063,14 +1076,14 @@ def pretrain(args, rank, world, device, autocast):
     if len(train_set) < args.batch_size * world:
         raise CliError(f"{len(train_set)} training images are fewer than one global batch "
                        f"({args.batch_size} x {world} processes): lower --batch-size")
-    check_run_folder(args)
+    continued = checkpoint_to_continue(args)
     if args.data is not None and has_val(args):
         make_dataset(args, "val", augment=False)  # a val/ class that train/ lacks: said now
     batches = EpochBatches(train_set, args, rank, world)
     run = build_run(args, device, autocast)
     if args.compile:
         compile_blocks(run)
-    start, step, progress = resume(run, args.resume, args) if args.resume else (0, 0, None)
+    start, step, progress = resume(run, continued, args) if continued else (0, 0, None)
     # A folder with no readable image fails here, in one line, not inside a loader worker. (After
     # the weights' init, so that the random crop it draws does not change the initial weights.)
     train_set[0]
@@ -1078,13 +1091,17 @@ def pretrain(args, rank, world, device, autocast):
         wrap_ddp(run, device)
     last_epoch = min(args.epochs, args.stop_after or args.epochs)  # --stop-after: stop early
     if start >= last_epoch:
-        finished = "the run is finished (a larger --epochs continues it)"
+        finished = "the run is finished (--resume with a larger --epochs continues it)"
         why = finished if start >= args.epochs else f"--stop-after is {args.stop_after}"
+        probe = os.path.join(args.out, "probe.json")
         if rank == 0:
             print(f"nothing to train: the checkpoint has {start} of {args.epochs} epochs; {why}")
+        if rank == 0 and start >= args.epochs and os.path.exists(probe):
+            with open(probe) as f:
+                print_probe_table(json.load(f), f"its linear probe ({probe}):")
         return run
     if rank == 0:
-        make_run_folder(args)
+        make_run_folder(args, new_run=not continued)
         n_params = sum(p.numel() for p in unwrap(run["encoder"]).parameters()) / 1e6
         at = f" from step {step + 1}" if step else ""
         print(f"C-JEPA {args.arch} ({n_params:.1f}M params), {len(train_set)} images, {world} "
@@ -1100,24 +1117,28 @@ def pretrain(args, rank, world, device, autocast):
     return run
 
 
-def check_run_folder(args):
-    """A new run never writes over another run's checkpoint."""
-    ckpt_path = os.path.join(args.out, "checkpoint.pt")
-    resumes_here = args.resume and os.path.abspath(args.resume) == os.path.abspath(ckpt_path)
-    if os.path.exists(ckpt_path) and not resumes_here and not args.overwrite:
-        raise CliError(f"{args.out} holds a run already: continue it with --resume {ckpt_path}, "
-                       "give another --out, or replace it with --overwrite")
+def checkpoint_to_continue(args):
+    """The checkpoint that a run continues: --resume's, else its run folder's own, so that the
+    same command continues a stopped run (a requeued job, a torchrun restart); None for a new
+    run. A run never writes over another run's checkpoint."""
+    own = os.path.join(args.out, "checkpoint.pt")
+    if not os.path.exists(own) or args.overwrite:
+        return args.resume
+    if args.resume and os.path.abspath(args.resume) != os.path.abspath(own):
+        raise CliError(f"{args.out} holds a run already: continue it with the same command "
+                       "(without --resume), give another --out, or replace it with --overwrite")
+    return own
 
 
-def make_run_folder(args):
-    """The run folder, writable; a new run (--overwrite) removes the old run's outputs."""
+def make_run_folder(args, new_run):
+    """The run folder, writable; a new run (--overwrite) removes an old run's outputs."""
     try:
         os.makedirs(args.out, exist_ok=True)
     except OSError as e:
         raise CliError(f"cannot make the run folder --out {args.out}: {e.strerror or e}") from None
     if not os.access(args.out, os.W_OK):
         raise CliError(f"the run folder --out {args.out} is not writable")
-    for name in ("log.jsonl", "curves.png", "probe.json") if not args.resume else ():
+    for name in ("log.jsonl", "curves.png", "probe.json") if new_run else ():
         if os.path.exists(os.path.join(args.out, name)):
             os.remove(os.path.join(args.out, name))
 
@@ -1212,6 +1233,14 @@ def train_linear_head(train, val, epochs, device, seed=0):
     return 100 * correct / len(x_val)
 
 
+def print_probe_table(results, title=None):
+    if title:
+        print(title)
+    print(f"| {'features':<22} | top-1  |\n| {'-' * 22} | ------ |")
+    for name, acc in results.items():
+        print(f"| {name:<22} | {acc:5.2f}% |")
+
+
 def has_val(args):
     """Is there a val/ split to probe on? (The demo set has its test split.)"""
     return args.data is None or os.path.isdir(os.path.join(args.data, "val"))
@@ -1288,9 +1317,7 @@ def run_probe(target_encoder, args, device, autocast, probe_only=False):
     print(f"\nlinear probe, top-1 on {len(val_set)} val images ({args.probe_epochs} epochs on "
           f"{len(train_set)} cached train features; {time.time() - t0:.0f} s, of which "
           f"{head_seconds:.1f} s training the heads):")
-    print(f"| {'features':<22} | top-1  |\n| {'-' * 22} | ------ |")
-    for name, acc in results.items():
-        print(f"| {name:<22} | {acc:5.2f}% |")
+    print_probe_table(results)
     data_name = "demo" if args.data is None else os.path.basename(os.path.abspath(args.data))
     path = os.path.join(args.out, f"probe_{data_name}.json" if probe_only else "probe.json")
     try:

@@ -394,7 +394,7 @@ def test_mixed_precision_step_matches_fp32(precision):
 
 
 # ------------------------------------------------------------------------------- the CUDA path, without a GPU
-# No machine of this project has a GPU. These tests run the CUDA code path on fake CUDA tensors
+# This project has not yet run on a GPU. These tests run the CUDA code path on fake CUDA tensors
 # (shapes, dtypes and devices, no values) and DDP on the meta device with a fake process group.
 # They use torch internals: where a torch release has moved them, the tests skip with the reason.
 def fake_cuda_mode():
@@ -623,21 +623,23 @@ cjepa.main(sys.argv[1:])
 """
 
 
-def test_resume_from_any_step_ends_with_the_same_weights(tmp_path, capsys, monkeypatch):
+def test_the_same_command_continues_from_any_step_to_the_same_weights(tmp_path, capsys, monkeypatch):
     """Stopped after an epoch (--stop-after), by SIGTERM in the middle of an epoch, or killed
-    (SIGKILL) after a timed mid-epoch save: each resumed run ends bit for bit where the
-    uninterrupted one does, and log.jsonl holds every epoch once."""
+    (SIGKILL) after a timed mid-epoch save: the same command (as a requeued job runs it) continues
+    the run, which ends bit for bit where the uninterrupted one does, and log.jsonl holds every
+    epoch once."""
     data = write_image_folder(str(tmp_path / "data"))  # 24 images, batch 8: 3 steps an epoch
     flags = ["--data", data, *TINY, "--epochs", "3"]
     whole = str(tmp_path / "whole")
     assert run_main([*flags, "--out", whole], capsys)[0] == 0
     whole_log = [json.loads(line) for line in open(os.path.join(whole, "log.jsonl"))]
 
-    # 1. --stop-after 1, then --resume
+    # 1. --stop-after 1, then without it
     first = str(tmp_path / "first")
     assert run_main([*flags, "--out", first, "--stop-after", "1"], capsys)[0] == 0
     assert load(first)["epoch"] == 1
-    assert run_main([*flags, "--out", first, "--resume", os.path.join(first, "checkpoint.pt")], capsys)[0] == 0
+    cjepa.main([*flags, "--out", first])
+    assert f"{first} holds this run: continuing it after epoch 1, step 0" in capsys.readouterr().out
     assert_same_run(load(whole), load(first))
     assert log_epochs(first) == [1, 2, 3]
 
@@ -655,11 +657,11 @@ def test_resume_from_any_step_ends_with_the_same_weights(tmp_path, capsys, monke
     code, err = run_main([*flags, "--out", stopped], capsys)
     monkeypatch.setattr(cjepa, "train_step", real_step)
     assert code == 128 + signal.SIGTERM, err
-    assert "stopped by SIGTERM at epoch 2, step 2" in err and "--resume" in err, err
+    assert "stopped by SIGTERM at epoch 2, step 2" in err and "the same command continues" in err, err
     assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL  # handlers restored
     ckpt = load(stopped)
     assert (ckpt["epoch"], ckpt["step"]) == (1, 2)
-    assert run_main([*flags, "--out", stopped, "--resume", os.path.join(stopped, "checkpoint.pt")], capsys)[0] == 0
+    assert run_main([*flags, "--out", stopped], capsys)[0] == 0
     assert_same_run(load(whole), load(stopped))  # fails if the resume restarts epoch 2 from its first batch
     log = [json.loads(line) for line in open(os.path.join(stopped, "log.jsonl"))]
     assert [line["epoch"] for line in log] == [1, 2, 3]
@@ -679,19 +681,20 @@ def test_resume_from_any_step_ends_with_the_same_weights(tmp_path, capsys, monke
     proc.wait()
     ckpt = load(killed)
     assert ckpt["step"] > 0  # a mid-epoch save: only the steps after it are lost
-    assert run_main([*flags, "--out", killed, "--resume", path], capsys)[0] == 0
+    assert run_main([*flags, "--out", killed], capsys)[0] == 0
     assert_same_run(load(whole), load(killed))
     assert log_epochs(killed) == [1, 2, 3]
 
 
-def test_a_new_run_never_clobbers_an_old_one(tmp_path, capsys):
+def test_another_setting_into_a_used_folder_is_refused_and_changes_nothing(tmp_path, capsys):
     data = write_image_folder(str(tmp_path / "data"))
     out = str(tmp_path / "run")
     assert run_main(["--data", data, "--out", out, *TINY, "--epochs", "2"], capsys)[0] == 0
-    before = load(out)
+    before, log_before = load(out), open(os.path.join(out, "log.jsonl")).read()
     code, err = run_main(["--data", data, "--out", out, *TINY, "--epochs", "1", "--vicreg", "0"], capsys)
-    assert_one_line_error(code, err, "holds a run already", "--resume", "--overwrite")
-    assert_same_run(before, load(out))
+    assert_one_line_error(code, err, "holds a run with other settings", "epochs 2 -> 1", "vicreg 0.001 -> 0.0",
+                          "another --out", "--overwrite", "--resume")
+    assert_same_run(before, load(out)) and open(os.path.join(out, "log.jsonl")).read() == log_before
     other = str(tmp_path / "other")  # --resume another run's checkpoint into this folder: refused too
     assert run_main(["--data", data, "--out", other, *TINY, "--epochs", "1"], capsys)[0] == 0
     code, err = run_main(["--data", data, "--out", out, *TINY, "--epochs", "2", "--resume",
@@ -731,17 +734,18 @@ def test_recipes_fit_any_grid_and_help_shows_every_default(capsys):
         assert flag in text and text.count(" | ") >= len(cjepa.PRETRAIN), flag
 
 
-def test_finished_runs_say_so(tmp_path, capsys):
-    data = write_image_folder(str(tmp_path / "data"))
+def test_a_finished_run_run_again_says_so_and_shows_its_probe(tmp_path, capsys):
+    data = write_image_folder(str(tmp_path / "data"), splits=("train", "val"))
     out = str(tmp_path / "run")
-    code, err = run_main(["--data", data, "--out", out, *TINY, "--epochs", "1"], capsys)
-    assert code == 0, err
-    before = load(out)
-    cjepa.main(["--data", data, "--out", out, *TINY, "--epochs", "1",
-                "--resume", os.path.join(out, "checkpoint.pt")])
-    assert "nothing to train: the checkpoint has 1 of 1 epochs; the run is finished" in capsys.readouterr().out
-    assert_same_run(before, load(out))
-    assert log_epochs(out) == [1]
+    argv = ["--data", data, "--out", out, *TINY, "--epochs", "1", "--probe-epochs", "2"]
+    assert run_main(argv, capsys)[0] == 0
+    files = {name: open(os.path.join(out, name), "rb").read() for name in ("checkpoint.pt", "log.jsonl")}
+    probe = json.load(open(os.path.join(out, "probe.json")))
+    cjepa.main(argv)
+    said = capsys.readouterr().out
+    assert "nothing to train: the checkpoint has 1 of 1 epochs; the run is finished" in said
+    assert f"| cjepa_target_encoder   | {probe['cjepa_target_encoder']:5.2f}% |" in said, said
+    assert all(open(os.path.join(out, name), "rb").read() == data for name, data in files.items())
 
 
 def test_log_follows_the_checkpoint_on_resume(tmp_path, capsys):
@@ -864,19 +868,23 @@ def test_ddp_step_equals_one_process_on_the_global_batch(tmp_path):
     assert (single["encoder"]["blocks.0.attn.qkv.weight"] - initial).abs().max() > 1e-4  # a real update
 
 
-def torchrun(*argv, timeout=240):
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", os.path.join(HERE, "cjepa.py"), *argv]
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env={**os.environ, "OMP_NUM_THREADS": "1"})
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run"]
+ONE_THREAD = {**os.environ, "OMP_NUM_THREADS": "1"}
 
 
-def test_torchrun_two_processes_train_checkpoint_resume_and_probe(tmp_path):
+def torchrun(*argv, launcher=("--standalone", "--nproc_per_node=2"), timeout=240):
+    cmd = [*TORCHRUN, *launcher, os.path.join(HERE, "cjepa.py"), *argv]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=ONE_THREAD)
+
+
+def test_torchrun_two_processes_train_continue_and_probe(tmp_path):
     data = write_image_folder(str(tmp_path / "data"), splits=("train", "val"))
     out = str(tmp_path / "run")
     args = ["--data", data, "--out", out, *TINY, "--batch-size", "4", "--epochs", "2"]
     r = torchrun(*args, "--stop-after", "1")
     assert r.returncode == 0, r.stderr[-3000:]
     assert torch.load(os.path.join(out, "checkpoint.pt"), weights_only=True)["epoch"] == 1
-    r = torchrun(*args, "--resume", os.path.join(out, "checkpoint.pt"), "--probe-epochs", "5")
+    r = torchrun(*args, "--probe-epochs", "5")  # the same run, continued
     assert r.returncode == 0, r.stderr[-3000:]
     assert "2 process(es)" in r.stdout and "cjepa_target_encoder" in r.stdout
     log = [json.loads(line) for line in open(os.path.join(out, "log.jsonl"))]
@@ -891,33 +899,75 @@ def test_torchrun_two_processes_train_checkpoint_resume_and_probe(tmp_path):
     assert log[-1]["knn"] == single and 0 < single <= 100
 
 
-def test_torchrun_sigterm_stops_every_rank_at_one_step_and_resumes_exactly(tmp_path):
-    data = write_image_folder(str(tmp_path / "data"), n_per_class=24)  # 48 images: 12 steps an epoch
-    flags = ["--data", data, *TINY, "--batch-size", "2", "--epochs", "10"]
-    whole, stopped = str(tmp_path / "whole"), str(tmp_path / "stopped")
-    assert torchrun(*flags, "--out", whole).returncode == 0
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           os.path.join(HERE, "cjepa.py"), *flags, "--out", stopped]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, "OMP_NUM_THREADS": "1"})
-    deadline = time.time() + 120
-    while not os.path.exists(os.path.join(stopped, "log.jsonl")) and time.time() < deadline:
+def wait_for_a_save(out, at_least, proc, timeout=120):
+    """Wait until out/checkpoint.pt is at (epoch, step) >= at_least."""
+    path, deadline = os.path.join(out, "checkpoint.pt"), time.time() + timeout
+    while time.time() < deadline and proc.poll() is None:
+        try:
+            ckpt = torch.load(path, weights_only=True)
+            if (ckpt["epoch"], ckpt["step"]) >= at_least:
+                return ckpt
+        except (FileNotFoundError, EOFError, RuntimeError):  # not there yet
+            pass
         time.sleep(0.05)
+    raise AssertionError(f"no checkpoint at {at_least} in {out}")
+
+
+def test_torchrun_stops_restarts_and_runs_on_two_nodes_like_one_uninterrupted_run(tmp_path):
+    """Three ways a multi-process run goes on, each ending with the weights of one uninterrupted
+    2-process run: SIGTERM to torchrun (every rank stops after the same step), then the same
+    command; a worker killed under torchrun --max-restarts=1, which restarts the group from the
+    last save; and two torchrun launchers of one process each (two nodes) instead of one of two."""
+    data = write_image_folder(str(tmp_path / "data"), n_per_class=24)  # 48 images: 12 steps an epoch
+    flags = ["--data", data, *TINY, "--batch-size", "2", "--epochs", "8"]
+    whole, stopped, restarted = (str(tmp_path / name) for name in ("whole", "stopped", "restarted"))
+    assert torchrun(*flags, "--out", whole).returncode == 0
+    whole_log = [json.loads(line) for line in open(os.path.join(whole, "log.jsonl"))]
+
+    # 1. SIGTERM: torchrun passes it on to both ranks; rank 0 says where they stopped
+    cmd = [*TORCHRUN, "--standalone", "--nproc_per_node=2", os.path.join(HERE, "cjepa.py"), *flags]
+    proc = subprocess.Popen([*cmd, "--out", stopped], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            text=True, env=ONE_THREAD)
+    wait_for_a_save(stopped, (1, 0), proc)
     time.sleep(0.3)
-    proc.send_signal(signal.SIGTERM)  # torchrun passes it on to both ranks
+    proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode != 0
-    assert err.count("cjepa.py: stopped by SIGTERM") == 1, err[-3000:]  # rank 0 says where
+    assert err.count("cjepa.py: stopped by SIGTERM") == 1, err[-3000:]
     ckpt = load(stopped)
-    assert 1 <= ckpt["epoch"] < 10, "the signal came too late to test a resume"
-    r = torchrun(*flags, "--out", stopped, "--resume", os.path.join(stopped, "checkpoint.pt"))
-    assert r.returncode == 0, r.stderr[-3000:]
+    assert 1 <= ckpt["epoch"] < 8, "the signal came too late to test a continued run"
+    r = torchrun(*flags, "--out", stopped)
+    assert r.returncode == 0 and "holds this run: continuing it" in r.stdout, r.stderr[-3000:]
     assert_same_run(load(whole), load(stopped))
-    assert log_epochs(stopped) == list(range(1, 11))
+    assert log_epochs(stopped) == list(range(1, 9))
     if ckpt["step"]:  # the epoch it stopped in: its mean loss over both ranks, as in the whole run
-        e = ckpt["epoch"]
-        a, b = (json.loads(open(os.path.join(out, "log.jsonl")).readlines()[e]) for out in (whole, stopped))
-        assert b["loss"] == pytest.approx(a["loss"], rel=1e-5) and b["erank"] == a["erank"]
+        line = json.loads(open(os.path.join(stopped, "log.jsonl")).readlines()[ckpt["epoch"]])
+        assert line["loss"] == pytest.approx(whole_log[ckpt["epoch"]]["loss"], rel=1e-5)
+        assert line["erank"] == whole_log[ckpt["epoch"]]["erank"]
+
+    # 2. --max-restarts=1: a worker dies (SIGKILL) after a timed save in the middle of an epoch
+    cmd = [*TORCHRUN, "--standalone", "--nproc_per_node=2", "--max-restarts=1",
+           os.path.join(HERE, "cjepa.py"), *flags, "--out", restarted, "--save-every", "0.001"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=ONE_THREAD)
+    wait_for_a_save(restarted, (1, 3), proc)
+    workers = subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True).stdout.split()
+    assert len(workers) == 2
+    os.kill(int(workers[1]), signal.SIGKILL)
+    out, _ = proc.communicate(timeout=180)
+    assert proc.returncode == 0, out[-3000:]
+    assert "holds this run: continuing it" in out and "connectFullMesh" not in out, out[-3000:]
+    assert_same_run(load(whole), load(restarted))
+    assert log_epochs(restarted) == list(range(1, 9))
+
+    # 3. two nodes: two launchers of one process each, a c10d rendezvous on this machine
+    endpoint = f"--rdzv-endpoint=127.0.0.1:{free_port()}"
+    nodes = [subprocess.Popen([*TORCHRUN, "--nnodes=2", "--nproc_per_node=1", "--rdzv-backend=c10d",
+                               endpoint, "--rdzv-id=two_nodes",
+                               os.path.join(HERE, "cjepa.py"), *flags, "--out", str(tmp_path / "nodes")],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=ONE_THREAD)
+             for _ in range(2)]
+    assert all(node.wait(timeout=180) == 0 for node in nodes), nodes[0].stderr.read()[-3000:]
+    assert_same_run(load(whole), load(str(tmp_path / "nodes")))
 
 
 # ------------------------------------------------------------------------------- bad input, crashes

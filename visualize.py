@@ -1,23 +1,33 @@
-"""
+r"""
 visualize.py: where a C-JEPA checkpoint's encoders look, target encoder beside context encoder.
 
-One row per image: the image, then the last block's attention in the target encoder and in the context
-encoder, as in the C-JEPA paper's figures. The ViT has no class token, so a map shows the attention that
-each patch *receives*: the attention weights averaged over the queries (and over the heads, unless
---heads), upsampled to the image. Colour is in units of "uniform": 1 means the patch gets 1/N of the
-attention, as if every patch were attended alike; 2 means twice that.
+One row per image: the image, then the last block's attention in the target encoder and in the
+context encoder, as in the C-JEPA paper's figures. The ViT has no class token, so a map shows the
+attention that each patch *receives*: the attention weights averaged over the queries (and over the
+heads, unless --heads), upsampled to the image. Colour is in units of "uniform": 1 means the patch
+gets 1/N of the attention, as if every patch were attended alike; 2 means twice that.
 
 With --compare OTHER_CKPT, another run's target encoder comes first (the C-JEPA paper's Figures 3-5:
-image | I-JEPA target encoder | C-JEPA target encoder | C-JEPA context encoder). With --curves RUN ...,
-it plots runs' per-epoch k-NN accuracy and effective rank instead (the paper's Figure 1).
+image | I-JEPA target encoder | C-JEPA target encoder | C-JEPA context encoder). With --curves
+RUN ..., it plots runs' per-epoch k-NN accuracy and effective rank instead (the paper's Figure 1).
 
 Usage:
-    python visualize.py runs/demo/checkpoint.pt                  # 4 demo-set images and a photograph
-    python visualize.py runs/demo/checkpoint.pt --masks --heads  # + a sampled mask, one panel per head
-    python visualize.py ckpt.pt photos/ cat.jpg --out cat.png    # your own images (files or folders)
-    python visualize.py IN1K-vit.h.14-300e.pth.tar --arch vit_h14  # an official I-JEPA checkpoint
+    # 4 demo-set images and a photograph
+    python visualize.py runs/demo/checkpoint.pt
+
+    # + a sampled mask, one panel per head
+    python visualize.py runs/demo/checkpoint.pt --masks --heads
+
+    # your own images (files or folders)
+    python visualize.py ckpt.pt photos/ cat.jpg --out cat.png
+
+    # an official I-JEPA checkpoint
+    python visualize.py IN1K-vit.h.14-300e.pth.tar --arch vit_h14
+
     python visualize.py runs/demo/checkpoint.pt --compare runs/ijepa/checkpoint.pt
-    python visualize.py --curves runs/demo_s0 runs/demo_s1 runs/ijepa_s0 runs/ijepa_s1 --out fig1.png
+
+    python visualize.py --curves runs/demo_s0 runs/demo_s1 runs/ijepa_s0 runs/ijepa_s1 \
+        --out fig1.png
 """
 import argparse
 import json
@@ -37,30 +47,35 @@ import cjepa
 from cjepa import CliError
 
 EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp")
-FASHION = ("T-shirt", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag", "ankle boot")
+FASHION = ("T-shirt", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag",
+           "ankle boot")
 
 
-# ---- the checkpoint: ours (with 'args') or the official I-JEPA format ('module.' keys, no 'args') ----------
+# ---- the checkpoint: ours (with 'args') or the official I-JEPA format ('module.' keys, no 'args')
 def load_encoders(path, arch=None, img_size=224):
-    """-> (target encoder, context encoder, settings: arch, img_size, patch_size, epoch, demo, masks). cjepa.py's
-    loader, plus what the figure needs: whether these are demo-set (grey 28 px) images, and the mask settings."""
+    """-> (target encoder, context encoder, settings: arch, img_size, patch_size, epoch, demo,
+    masks). cjepa.py's loader, plus what the figure needs: whether these are demo-set (grey 28 px)
+    images, and the mask settings."""
     target, context, cfg = cjepa.load_encoders(path, arch, img_size)
     ours = hasattr(cfg, "data")
     cfg.demo = ours and cfg.data is None
-    cfg.masks = cjepa.mask_config(cfg if ours else argparse.Namespace(**cjepa.PRETRAIN))  # official: published
+    cfg.masks = cjepa.mask_config(cfg if ours
+                                  else argparse.Namespace(**cjepa.PRETRAIN))  # official: published
     return target, context, cfg
 
 
-# ---- the images ---------------------------------------------------------------------------------------
+# ---- the images ----------------------------------------------------------------------------------
 def demo_images(n=4):
-    """n test images of different classes from the built-in demo set, and matplotlib's sample photograph."""
+    """n test images of different classes from the built-in demo set, and matplotlib's sample
+    photograph."""
     data = cjepa.DemoImages("test", augment=False)
     first = {}  # class -> index of its first image
     for i, y in enumerate(data.y.tolist()):
         first.setdefault(y, i)
         if len(first) == n:
             break
-    images = [(f"{FASHION[y]} (test #{i})", Image.fromarray(data.x[i].numpy())) for y, i in first.items()]
+    images = [(f"{FASHION[y]} (test #{i})", Image.fromarray(data.x[i].numpy()))
+              for y, i in first.items()]
     with cbook.get_sample_data("grace_hopper.jpg") as f:
         images.append(("grace_hopper.jpg", Image.open(f).convert("RGB")))
     return images
@@ -71,7 +86,8 @@ def image_files(paths):
     files = []
     for p in paths:
         if os.path.isdir(p):
-            found = sorted(os.path.join(p, f) for f in os.listdir(p) if f.lower().endswith(EXTENSIONS))
+            found = sorted(os.path.join(p, f) for f in os.listdir(p)
+                           if f.lower().endswith(EXTENSIONS))
             if not found:
                 raise CliError(f"{p}: no {'/'.join(EXTENSIONS)} images in this folder")
             files += found
@@ -82,26 +98,29 @@ def image_files(paths):
     images = []
     for f in files:
         try:
-            images.append((os.path.basename(f), cjepa.load_rgb(f)))  # (16-bit images scaled, not clipped)
+            images.append((os.path.basename(f),
+                           cjepa.load_rgb(f)))  # (16-bit images scaled, not clipped)
         except (OSError, ValueError, SyntaxError) as e:  # what PIL raises on files it cannot read
             raise CliError(f"{f}: not a readable image ({e})") from None
     return images
 
 
 def prepare(image, cfg):
-    """PIL image -> (what to show [H, W, 3] in 0..1, the model's input [3, H, W]): resized and center-cropped to
-    the model's size; grey with the demo set's statistics for a demo model, else RGB with ImageNet's."""
+    """PIL image -> (what to show [H, W, 3] in 0..1, the model's input [3, H, W]): resized and
+    center-cropped to the model's size; grey with the demo set's statistics for a demo model, else
+    RGB with ImageNet's."""
     resize = T.Compose([T.Resize(cfg.img_size), T.CenterCrop(cfg.img_size), T.ToTensor()])
     shown = resize(image.convert("L" if cfg.demo else "RGB")).expand(3, -1, -1)
-    mean, std = ((cjepa.DEMO_MEAN,) * 3, (cjepa.DEMO_STD,) * 3) if cfg.demo else (cjepa.IMAGENET_MEAN, cjepa.IMAGENET_STD)
+    mean, std = (((cjepa.DEMO_MEAN,) * 3, (cjepa.DEMO_STD,) * 3) if cfg.demo
+                 else (cjepa.IMAGENET_MEAN, cjepa.IMAGENET_STD))
     return shown.permute(1, 2, 0), T.Normalize(mean, std)(shown)
 
 
-# ---- the maps and the figure --------------------------------------------------------------------------
+# ---- the maps and the figure ---------------------------------------------------------------------
 @torch.no_grad()
 def last_block_attention(encoder, x):
-    """x [B, 3, H, W] -> [B, heads, N, N]: the last block's attention weights, softmax(q k^T / sqrt(d)),
-    spelled out (the model's fused attention never forms them)."""
+    """x [B, 3, H, W] -> [B, heads, N, N]: the last block's attention weights,
+    softmax(q k^T / sqrt(d)), spelled out (the model's fused attention never forms them)."""
     tokens = encoder.embed(x)
     for block in encoder.blocks[:-1]:
         tokens = block(tokens)
@@ -114,10 +133,13 @@ def last_block_attention(encoder, x):
 
 @torch.no_grad()
 def received_attention(encoder, x, per_head=False, mode="nearest"):
-    """x [B, 3, H, W] -> [B, heads or 1, H, W]: the attention each patch receives in the last block, averaged
-    over the queries (and the heads), in units of uniform (x N), upsampled from the patch grid to the image."""
-    attn = last_block_attention(encoder, x)  # [B, heads, N queries, N keys]; each query's row sums to 1
-    received = attn.mean(dim=2)  # [B, heads, N]: each key's column, averaged over the queries; sums to 1
+    """x [B, 3, H, W] -> [B, heads or 1, H, W]: the attention each patch receives in the last block,
+    averaged over the queries (and the heads), in units of uniform (x N), upsampled from the patch
+    grid to the image."""
+    # [B, heads, N queries, N keys]; each query's row sums to 1
+    attn = last_block_attention(encoder, x)
+    # [B, heads, N]: each key's column, averaged over the queries; sums to 1
+    received = attn.mean(dim=2)
     if not per_head:
         received = received.mean(dim=1, keepdim=True)
     maps = received.unflatten(2, (encoder.grid, encoder.grid)) * received.shape[-1]
@@ -125,7 +147,8 @@ def received_attention(encoder, x, per_head=False, mode="nearest"):
 
 
 def mask_overlay(cfg, gen):
-    """One sampled mask as an RGBA [grid, grid, 4]: context patches blue, each target block its own colour."""
+    """One sampled mask as an RGBA [grid, grid, 4]: context patches blue, each target block its own
+    colour."""
     grid = cfg.img_size // cfg.patch_size
     try:
         # a one-line error, not a fallback, where masks can't fit
@@ -142,15 +165,17 @@ def mask_overlay(cfg, gen):
 
 
 def plot(images, encoders, cfg, args):
-    """The figure: one row per image; columns image, [masks], then the map(s) of each encoder in `encoders`, a list
-    of (title, encoder)."""
+    """The figure: one row per image; columns image, [masks], then the map(s) of each encoder in
+    `encoders`, a list of (title, encoder)."""
     shown, x = zip(*(prepare(im, cfg) for _, im in images))
-    maps = torch.cat([received_attention(enc, torch.stack(x), args.heads, args.interp) for _, enc in encoders],
-                     dim=1)  # [images, encoders (x heads), H, W]
+    maps = torch.cat([received_attention(enc, torch.stack(x), args.heads, args.interp)
+                      for _, enc in encoders], dim=1)  # [images, encoders (x heads), H, W]
     heads = range(maps.shape[1] // len(encoders)) if args.heads else [None]
-    titles = ["image"] + ["sampled masks"] * args.masks + [name + ("" if i is None else f"\nhead {i}")
-                                                         for name, _ in encoders for i in heads]
-    fig, axes = plt.subplots(len(images), len(titles), figsize=(2.2 * len(titles) + 0.6, 2.3 * len(images) + 0.5),
+    titles = (["image"] + ["sampled masks"] * args.masks
+              + [name + ("" if i is None else f"\nhead {i}")
+                 for name, _ in encoders for i in heads])
+    fig, axes = plt.subplots(len(images), len(titles),
+                             figsize=(2.2 * len(titles) + 0.6, 2.3 * len(images) + 0.5),
                              squeeze=False, layout="constrained")
     gen = torch.Generator().manual_seed(args.seed)
     for r, (name, _) in enumerate(images):
@@ -158,18 +183,23 @@ def plot(images, encoders, cfg, args):
             ax.imshow(shown[r].numpy())
             ax.set(xticks=[], yticks=[])
         if args.masks:
-            axes[r, 1].imshow(mask_overlay(cfg, gen), extent=(-0.5, cfg.img_size - 0.5, cfg.img_size - 0.5, -0.5))
-        for ax, m in zip(axes[r, 1 + args.masks:], maps[r]):  # one colour scale per row: all encoders alike
-            im = ax.imshow(m.numpy(), cmap="inferno", alpha=0.65, vmin=0, vmax=maps[r].max().item())
+            axes[r, 1].imshow(mask_overlay(cfg, gen),
+                              extent=(-0.5, cfg.img_size - 0.5, cfg.img_size - 0.5, -0.5))
+        # one colour scale per row: all encoders alike
+        for ax, m in zip(axes[r, 1 + args.masks:], maps[r]):
+            im = ax.imshow(m.numpy(), cmap="inferno", alpha=0.65, vmin=0,
+                           vmax=maps[r].max().item())
         axes[r, 0].set_ylabel(name, fontsize=9)
-        fig.colorbar(im, ax=axes[r, 1 + args.masks:].tolist(), shrink=0.85, aspect=15).ax.tick_params(labelsize=7)
+        fig.colorbar(im, ax=axes[r, 1 + args.masks:].tolist(),
+                     shrink=0.85, aspect=15).ax.tick_params(labelsize=7)
     for ax, title in zip(axes[0], titles):
         ax.set_title(title)
     epoch = "" if cfg.epoch is None else f", epoch {cfg.epoch}"
     heads = "" if args.heads else ", mean of the heads"
     masks = "; masks: blue = context, other colours = target blocks" if args.masks else ""
-    fig.suptitle(f"{os.path.basename(args.checkpoint)} ({cfg.arch}, {cfg.img_size} px{epoch}): the attention each patch "
-                 f"receives in the last block{heads}\ncolour: \u00d7 uniform (1 = all patches alike){masks}", fontsize=10)
+    fig.suptitle(f"{os.path.basename(args.checkpoint)} ({cfg.arch}, {cfg.img_size} px{epoch}): "
+                 f"the attention each patch receives in the last block{heads}\n"
+                 f"colour: \u00d7 uniform (1 = all patches alike){masks}", fontsize=10)
     return fig
 
 
@@ -179,7 +209,8 @@ def method(cfg):
 
 
 def columns(target, context, cfg, args):
-    """The encoders to draw, with their titles: with --compare, the other run's target encoder first."""
+    """The encoders to draw, with their titles: with --compare, the other run's target encoder
+    first."""
     ours = [(f"{method(cfg)} target encoder", target), (f"{method(cfg)} context encoder", context)]
     if not args.compare:
         return ours
@@ -187,13 +218,15 @@ def columns(target, context, cfg, args):
     mine = (cfg.arch, cfg.img_size, cfg.patch_size)
     theirs = (other_cfg.arch, other_cfg.img_size, other_cfg.patch_size)
     if mine != theirs:
-        raise CliError(f"--compare {args.compare}: it is {theirs[0]} at {theirs[1]} px (patch {theirs[2]}), "
-                       f"{args.checkpoint} is {mine[0]} at {mine[1]} px (patch {mine[2]}): the maps would not line up")
-    return [(f"{method(other_cfg)} target encoder\n({os.path.basename(os.path.dirname(os.path.abspath(args.compare)))})",
+        raise CliError(f"--compare {args.compare}: it is {theirs[0]} at {theirs[1]} px "
+                       f"(patch {theirs[2]}), {args.checkpoint} is {mine[0]} at {mine[1]} px "
+                       f"(patch {mine[2]}): the maps would not line up")
+    return [(f"{method(other_cfg)} target encoder\n"
+             f"({os.path.basename(os.path.dirname(os.path.abspath(args.compare)))})",
              other)] + ours
 
 
-# ---- --curves: the paper's Figure 1 from runs' log.jsonl ----------------------------------------------
+# ---- --curves: the paper's Figure 1 from runs' log.jsonl -----------------------------------------
 def read_run(folder):
     """A run folder -> (its settings, its log lines)."""
     log_path, ckpt_path = os.path.join(folder, "log.jsonl"), os.path.join(folder, "checkpoint.pt")
@@ -203,24 +236,28 @@ def read_run(folder):
     with open(log_path) as f:
         log = [json.loads(line) for line in f]
     if not any("knn" in line for line in log):
-        raise CliError(f"--curves {folder}: its log has no k-NN monitor (a run from before it, or --knn-images 0)")
+        raise CliError(f"--curves {folder}: its log has no k-NN monitor "
+                       "(a run from before it, or --knn-images 0)")
     return settings, log
 
 
 def run_label(settings, varying):
-    """C-JEPA or I-JEPA, with beta_vicreg and the other settings that differ between the runs (not the seed)."""
-    label = "I-JEPA (beta_vicreg 0)" if not settings["vicreg"] else f"C-JEPA (beta_vicreg {settings['vicreg']})"
+    """C-JEPA or I-JEPA, with beta_vicreg and the other settings that differ between the runs (not
+    the seed)."""
+    label = ("I-JEPA (beta_vicreg 0)" if not settings["vicreg"]
+             else f"C-JEPA (beta_vicreg {settings['vicreg']})")
     extra = [f"{k} {settings.get(k)}" for k in varying if k not in ("vicreg", "seed")]
     return label + (", " + ", ".join(extra) if extra else "")
 
 
 def plot_runs(folders):
-    """k-NN top-1 and effective rank per epoch; runs that differ only in their seed are one line (the mean) and a
-    band (min to max)."""
+    """k-NN top-1 and effective rank per epoch; runs that differ only in their seed are one line
+    (the mean) and a band (min to max)."""
     runs = [read_run(folder) for folder in folders]
     keys = cjepa.ARCH_KEYS + cjepa.TRAIN_KEYS
     # the settings that differ between the runs (one that some runs do not record is left out)
-    varying = [k for k in keys if all(k in s for s, _ in runs) and len({json.dumps(s[k]) for s, _ in runs}) > 1]
+    varying = [k for k in keys
+               if all(k in s for s, _ in runs) and len({json.dumps(s[k]) for s, _ in runs}) > 1]
     groups = {}
     for settings, log in runs:
         groups.setdefault(run_label(settings, varying), []).append(log)
@@ -228,33 +265,44 @@ def plot_runs(folders):
     for ax, key, title in ((axes[0], "knn", "k-NN top-1 % (target encoder)"),
                            (axes[1], "erank", "effective rank of the target features")):
         for i, (label, logs) in enumerate(groups.items()):
-            epochs = sorted(set.intersection(*({line["epoch"] for line in log if key in line} for log in logs)))
-            values = torch.tensor([[next(line[key] for line in log if line["epoch"] == e) for e in epochs]
+            epochs = sorted(set.intersection(*({line["epoch"] for line in log if key in line}
+                                               for log in logs)))
+            values = torch.tensor([[next(line[key] for line in log if line["epoch"] == e)
+                                    for e in epochs]
                                    for log in logs])  # [runs, epochs]
             seeds = f" ({len(logs)} seeds)" if len(logs) > 1 else ""
             ax.plot(epochs, values.mean(dim=0), marker=".", color=f"C{i}", label=label + seeds)
             if len(logs) > 1:
-                ax.fill_between(epochs, values.min(dim=0).values, values.max(dim=0).values, color=f"C{i}", alpha=0.2)
+                ax.fill_between(epochs, values.min(dim=0).values, values.max(dim=0).values,
+                                color=f"C{i}", alpha=0.2)
         ax.set(title=title, xlabel="epoch")
     axes[0].legend(fontsize=8)
     return fig
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(prog="visualize.py", description="Attention maps of a C-JEPA or I-JEPA checkpoint: "
+    p = argparse.ArgumentParser(prog="visualize.py",
+                                description="Attention maps of a C-JEPA or I-JEPA checkpoint: "
                                 "the target encoder beside the context encoder.")
     p.add_argument("checkpoint", nargs="?",
                    help="our checkpoint.pt, or an official I-JEPA checkpoint (then give --arch)")
-    p.add_argument("images", nargs="*", help="image files or folders (default: 4 demo-set images and a photograph)")
-    p.add_argument("--arch", choices=cjepa.ARCHS, help="official I-JEPA checkpoints only (ours record their own)")
-    p.add_argument("--img-size", type=int, default=224, help="official I-JEPA checkpoints only (default 224)")
-    p.add_argument("--compare", metavar="CKPT", help="another run's checkpoint (ours, or an official I-JEPA one): "
+    p.add_argument("images", nargs="*",
+                   help="image files or folders (default: 4 demo-set images and a photograph)")
+    p.add_argument("--arch", choices=cjepa.ARCHS,
+                   help="official I-JEPA checkpoints only (ours record their own)")
+    p.add_argument("--img-size", type=int, default=224,
+                   help="official I-JEPA checkpoints only (default 224)")
+    p.add_argument("--compare", metavar="CKPT",
+                   help="another run's checkpoint (ours, or an official I-JEPA one): "
                    "its target encoder's maps come first, as in the paper's figures")
-    p.add_argument("--curves", nargs="+", metavar="RUN", help="instead of maps: plot these run folders' k-NN "
+    p.add_argument("--curves", nargs="+", metavar="RUN",
+                   help="instead of maps: plot these run folders' k-NN "
                    "accuracy and effective rank per epoch (the paper's Figure 1)")
     p.add_argument("--heads", action="store_true", help="one panel per head instead of their mean")
-    p.add_argument("--masks", action="store_true", help="add a column: one sampled context block and target blocks")
-    p.add_argument("--interp", choices=("nearest", "bilinear"), default="nearest", help="how the patch grid is upsampled")
+    p.add_argument("--masks", action="store_true",
+                   help="add a column: one sampled context block and target blocks")
+    p.add_argument("--interp", choices=("nearest", "bilinear"), default="nearest",
+                   help="how the patch grid is upsampled")
     p.add_argument("--seed", type=int, default=0, help="of the sampled masks")
     p.add_argument("--out", help="the PNG to write (default: attention.png next to the checkpoint; "
                    "with --curves, curves.png here)")
@@ -274,7 +322,8 @@ def main(argv=None):
             target, context, cfg = load_encoders(args.checkpoint, args.arch, args.img_size)
             encoders = columns(target, context, cfg, args)
             images = image_files(args.images) if args.images else demo_images()
-            out = args.out or os.path.join(os.path.dirname(os.path.abspath(args.checkpoint)), "attention.png")
+            out = args.out or os.path.join(os.path.dirname(os.path.abspath(args.checkpoint)),
+                                           "attention.png")
             fig = plot(images, encoders, cfg, args)
         try:
             fig.savefig(out, dpi=100)
