@@ -26,9 +26,9 @@ import visualize
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 # A tiny model and schedule for the end-to-end tests: 28 px images, 7x7 patch grid.
-TINY = ["--arch", "vit_demo", "--img-size", "28", "--batch-size", "8", "--epochs", "2", "--workers", "0",
-        "--pred-width", "32", "--pred-depth", "1", "--min-keep", "4", "--warmup", "0.5", "--probe-epochs", "0",
-        "--device", "cpu"]
+TINY = ["--arch", "vit_demo", "--img-size", "28", "--batch-size", "8", "--epochs", "2",
+        "--workers", "0", "--pred-width", "32", "--pred-depth", "1", "--min-keep", "4",
+        "--warmup", "0.5", "--probe-epochs", "0", "--device", "cpu"]
 
 
 def tiny_args(*extra):
@@ -38,16 +38,19 @@ def tiny_args(*extra):
 
 
 def write_image_folder(root, n_per_class=12, classes=2, size=36, splits=("train",)):
-    """An ImageFolder of simple patterns: class 0 horizontal stripes, class 1 vertical ones, random phase and colour."""
+    """An ImageFolder of simple patterns: class 0 horizontal stripes, class 1 vertical ones,
+    random phase and colour."""
     rng = np.random.default_rng(0)
     for split in splits:
         for c in range(classes):
             os.makedirs(os.path.join(root, split, f"class{c}"), exist_ok=True)
             for i in range(n_per_class):
                 coords = np.arange(size)[:, None] if c == 0 else np.arange(size)[None, :]
-                wave = (np.sin(coords / rng.uniform(1.5, 4) + rng.uniform(0, 6)) > 0).astype(np.float32)
+                wave = (np.sin(coords / rng.uniform(1.5, 4) + rng.uniform(0, 6))
+                        > 0).astype(np.float32)
                 img = np.broadcast_to(wave, (size, size))[..., None] * rng.uniform(60, 255, 3)
-                Image.fromarray(img.astype(np.uint8)).save(os.path.join(root, split, f"class{c}", f"{i}.png"))
+                Image.fromarray(img.astype(np.uint8)).save(os.path.join(root, split, f"class{c}",
+                                                                        f"{i}.png"))
     return root
 
 
@@ -62,7 +65,7 @@ def run_main(argv, capsys=None):
     return code, err
 
 
-# ------------------------------------------------------------------------------- 1. the ViT
+# --------------------------------------------------------------------- 1. the ViT
 def test_sincos_matches_direct_formula():
     dim, grid = 16, 5
     table = cjepa.sincos_pos_embed(dim, grid)
@@ -72,12 +75,15 @@ def test_sincos_matches_direct_formula():
         for half, pos in ((0, col), (1, row)):  # first half: column, second half: row
             for i in range(dim // 4):
                 freq = 1 / 10000 ** (2 * i / (dim // 2))
-                assert table[n, half * dim // 2 + i].item() == pytest.approx(math.sin(pos * freq), abs=1e-6)
-                assert table[n, half * dim // 2 + dim // 4 + i].item() == pytest.approx(math.cos(pos * freq), abs=1e-6)
+                assert (table[n, half * dim // 2 + i].item()
+                        == pytest.approx(math.sin(pos * freq), abs=1e-6))
+                assert (table[n, half * dim // 2 + dim // 4 + i].item()
+                        == pytest.approx(math.cos(pos * freq), abs=1e-6))
 
 
 def explicit_attention(attn, x):
-    """The reference: softmax(q k^T / sqrt(d)) v written out, one head at a time, with its weights."""
+    """The reference: softmax(q k^T / sqrt(d)) v written out, one head at a time, with its
+    weights."""
     B, N, D = x.shape
     d = D // attn.heads
     q, k, v = attn.qkv(x).split(D, dim=-1)
@@ -115,7 +121,8 @@ def test_flop_counter_counts_cpu_fused_attention_as_the_explicit_products():
             forward[name] = counter.get_total_flops()
             out.sum().backward()
             both[name] = counter.get_total_flops()
-    assert forward["fused"] == forward["explicit"] > 4 * 3 * 10 * 32 * 32  # more than the linear layers
+    # more than the linear layers
+    assert forward["fused"] == forward["explicit"] > 4 * 3 * 10 * 32 * 32
     # the fused backward recomputes the scores q k^T: one more [10 x 8] @ [8 x 10] product per head
     assert both["fused"] - both["explicit"] == 2 * 3 * 4 * 10 * 10 * 8
 
@@ -140,11 +147,13 @@ def test_encoder_keep_gathers_after_positions():
     tokens = enc.embed(images, keep)
     patches = enc.patch_embed(images).flatten(2).transpose(1, 2)
     torch.testing.assert_close(tokens[1, 1], patches[1, 48] + enc.pos_embed[0, 48])
-    assert set(dict(enc.named_parameters())) >= {"patch_embed.proj.weight", "blocks.0.attn.qkv.bias", "blocks.1.mlp.fc2.weight", "norm.weight"}
+    assert set(dict(enc.named_parameters())) >= {"patch_embed.proj.weight",
+                                                 "blocks.0.attn.qkv.bias",
+                                                 "blocks.1.mlp.fc2.weight", "norm.weight"}
     assert enc.state_dict()["pos_embed"].shape == (1, 49, 32)
 
 
-# ------------------------------------------------------------------------------- 2. the masks
+# --------------------------------------------------------------------- 2. the masks
 def rectangle(idx, W):
     """Patch indices -> (h, w) if they form a filled rectangle, else None."""
     rows, cols = idx // W, idx % W
@@ -157,8 +166,10 @@ def test_mask_invariants(grid):
     min_keep = {4: 2, 7: 4}.get(grid, 10)
     N, seen_last_row = grid * grid, False
     for seed in range(25):
-        ctx, tgt = cjepa.sample_masks(6, grid, grid, torch.Generator().manual_seed(seed), min_keep=min_keep)
-        assert ctx.shape[0] == 6 and tgt.shape[:2] == (4, 6)  # [B, Kc] and [M, B, Kt]: one length per batch
+        ctx, tgt = cjepa.sample_masks(6, grid, grid, torch.Generator().manual_seed(seed),
+                                      min_keep=min_keep)
+        # [B, Kc] and [M, B, Kt]: one length per batch
+        assert ctx.shape[0] == 6 and tgt.shape[:2] == (4, 6)
         assert ctx.shape[1] >= min_keep and tgt.shape[2] >= min_keep
         for b in range(6):
             c = set(ctx[b].tolist())
@@ -169,7 +180,8 @@ def test_mask_invariants(grid):
                 h, w = rectangle(t, grid)  # targets are never truncated: whole blocks
                 assert h < grid and w < grid
                 lo, hi = 0.15 * N, 0.2 * N
-                assert lo / 2 <= h * w <= hi * 2 + 2 * grid  # the scale bounds, allowing for rounding
+                # the scale bounds, allowing for rounding
+                assert lo / 2 <= h * w <= hi * 2 + 2 * grid
                 seen_last_row |= int((t // grid).max()) == grid - 1
     assert seen_last_row, "blocks must be able to start on every valid row"
 
@@ -202,7 +214,7 @@ def test_mask_sampler_never_hangs_on_4x4_and_rejects_impossible_configs():
     cjepa.check_masks_fit(14, 14, (0.15, 0.2), 10)  # the published defaults fit
 
 
-# ------------------------------------------------------------------------------- 3. the predictor
+# --------------------------------------------------------------------- 3. the predictor
 def predict_one_block(pred, z, ctx_idx, idx):
     """The reference predictor, for one target block idx [B, Kt]: the context tokens and the mask
     tokens, every token through every block, then the mask tokens' outputs."""
@@ -221,10 +233,11 @@ def test_predictor_batched_equals_one_block_at_a_time():
     out = pred(z, ctx, tgt)
     assert out.shape == (4, 3, tgt.shape[2], 32)
     for m in range(4):
-        torch.testing.assert_close(out[m], predict_one_block(pred, z, ctx, tgt[m]), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(out[m], predict_one_block(pred, z, ctx, tgt[m]),
+                                   atol=1e-5, rtol=1e-5)
 
 
-# ------------------------------------------------------------------------------- 4-5. losses, EMA
+# --------------------------------------------------------------------- 4-5. losses, EMA
 def test_ema_endpoints():
     torch.manual_seed(0)
     online, target = torch.nn.Linear(4, 4), torch.nn.Linear(4, 4)
@@ -284,7 +297,8 @@ def test_vicreg_zero_is_plain_ijepa():
     z = enc(images, ctx)
     p = pred(z, ctx, tgt)
     loss, stats = cjepa.cjepa_loss(p, t, z, args)
-    ref = torch.stack([F.smooth_l1_loss(predict_one_block(pred, z, ctx, tgt[m]), h[torch.arange(4)[:, None], tgt[m]])
+    ref = torch.stack([F.smooth_l1_loss(predict_one_block(pred, z, ctx, tgt[m]),
+                                        h[torch.arange(4)[:, None], tgt[m]])
                        for m in range(4)]).mean()
     torch.testing.assert_close(loss, ref, atol=1e-5, rtol=1e-5)
     args.vicreg = 1.0
@@ -311,7 +325,8 @@ def test_knn_monitor_against_brute_force():
     x_val, y_val = torch.randn(25, 8), torch.randint(0, 3, (25,))
     correct = 0
     for v, label in zip(x_val, y_val):  # DINO's rule, one query at a time
-        sims = sorted(((F.cosine_similarity(v, u, dim=0).item(), int(c)) for u, c in zip(x, y)), reverse=True)
+        sims = sorted(((F.cosine_similarity(v, u, dim=0).item(), int(c)) for u, c in zip(x, y)),
+                      reverse=True)
         votes = [0.0, 0.0, 0.0]
         for s, c in sims[:20]:
             votes[c] += math.exp(s / 0.07)
@@ -331,9 +346,10 @@ def test_knn_monitor_against_brute_force():
     assert cjepa.knn_accuracy((one_hot, y), (one_hot, y)) == 100
 
 
-# ------------------------------------------------------------------------------- 6. optimisation
+# --------------------------------------------------------------------- 6. optimisation
 def test_schedule_endpoints():
-    args = tiny_args("--lr", "1e-3", "--start-lr", "1e-4", "--final-lr", "1e-6", "--wd", "0.04", "0.4", "--ema", "0.996", "1.0")
+    args = tiny_args("--lr", "1e-3", "--start-lr", "1e-4", "--final-lr", "1e-6",
+                     "--wd", "0.04", "0.4", "--ema", "0.996", "1.0")
     total, warmup = 1000, 150
     lr0, wd0, m0 = cjepa.schedules(0, total, warmup, args)
     lr1, _, _ = cjepa.schedules(warmup, total, warmup, args)
@@ -342,7 +358,8 @@ def test_schedule_endpoints():
     assert lr1 == pytest.approx(1e-3)
     assert (lr2, wd2, m2) == pytest.approx((1e-6, 0.4, 1.0))
     lrs = [cjepa.schedules(s, total, warmup, args)[0] for s in range(total)]
-    assert max(lrs) == pytest.approx(1e-3) and all(a <= b for a, b in zip(lrs[:warmup], lrs[1:warmup + 1]))
+    assert (max(lrs) == pytest.approx(1e-3)
+            and all(a <= b for a, b in zip(lrs[:warmup], lrs[1:warmup + 1])))
 
 
 def test_weight_decay_only_on_weights():
@@ -361,14 +378,16 @@ def test_one_training_step_changes_weights():
     before = {k: v.clone() for k, v in run["encoder"].state_dict().items()}
     target_before = {k: v.clone() for k, v in run["target_encoder"].state_dict().items()}
     ctx, tgt = cjepa.sample_masks(8, 7, 7, torch.Generator().manual_seed(0), min_keep=4)
-    stats, target_means = cjepa.train_step(run, torch.randn(8, 3, 28, 28), ctx, tgt, 1e-3, 0.04, 0.9, args)
+    stats, target_means = cjepa.train_step(run, torch.randn(8, 3, 28, 28), ctx, tgt,
+                                           1e-3, 0.04, 0.9, args)
     assert target_means.shape == (8, 128) and not target_means.requires_grad  # vit_demo: width 128
     assert math.isfinite(stats["loss"].item()) and stats["loss"].item() > 0
     after = run["encoder"].state_dict()
     assert not torch.equal(before["blocks.0.attn.qkv.weight"], after["blocks.0.attn.qkv.weight"])
     # the target moved 10% of the way towards the context encoder
     k = "blocks.0.attn.qkv.weight"
-    torch.testing.assert_close(run["target_encoder"].state_dict()[k], 0.9 * target_before[k] + 0.1 * after[k])
+    torch.testing.assert_close(run["target_encoder"].state_dict()[k],
+                               0.9 * target_before[k] + 0.1 * after[k])
     assert all(p.grad is None for p in run["target_encoder"].parameters())
 
 
@@ -386,14 +405,15 @@ def test_mixed_precision_step_matches_fp32(precision):
         autocast = torch.autocast("cpu", dtype=dtype) if dtype else nullcontext()
         run = cjepa.build_run(args, torch.device("cpu"), autocast)
         stats[mode], _ = cjepa.train_step(run, images, ctx, tgt, 1e-3, 0.04, 0.9, args)
-    assert run["scaler"].is_enabled() == (precision == "fp16")  # loss scaling only where fp16 needs it
+    # loss scaling only where fp16 needs it
+    assert run["scaler"].is_enabled() == (precision == "fp16")
     for key in ("loss", "ijepa", "sim", "std", "cov"):
         assert stats[precision][key].dtype == torch.float32
         torch.testing.assert_close(stats[precision][key], stats["fp32"][key], rtol=2e-2, atol=1e-3)
     assert all(torch.isfinite(p).all() for p in run["encoder"].parameters())
 
 
-# ------------------------------------------------------------------------------- the CUDA path, without a GPU
+# --------------------------------------------------------------------- the CUDA path, without a GPU
 # This project has not yet run on a GPU. These tests run the CUDA code path on fake CUDA tensors
 # (shapes, dtypes and devices, no values) and DDP on the meta device with a fake process group.
 # They use torch internals: where a torch release has moved them, the tests skip with the reason.
@@ -442,13 +462,15 @@ def test_cuda_step_on_fake_tensors(precision):
             run["autocast"] = torch.autocast("cuda", dtype=dtype)
             run["opt"] = cjepa.make_optimizer([run["encoder"], run["predictor"]], args, cuda)
             run["scaler"] = torch.amp.GradScaler("cuda", enabled=precision == "fp16")
-            assert run["opt"].defaults["fused"] and run["scaler"].is_enabled() == (precision == "fp16")
+            assert (run["opt"].defaults["fused"]
+                    and run["scaler"].is_enabled() == (precision == "fp16"))
             with run["autocast"]:  # steps 2-4 of train_step, to see the tensors
                 h = cjepa.target_features(run["target_encoder"], images.to(cuda))
                 z = run["encoder"](images.to(cuda), ctx.to(cuda))
                 p = run["predictor"](z, ctx.to(cuda), tgt.to(cuda))
                 loss, terms = cjepa.cjepa_loss(p, cjepa.gather_tokens(h, tgt.to(cuda)), z, args)
-            assert p.dtype == dtype and p.device.type == "cuda"  # the predictor's matmuls in half precision
+            # the predictor's matmuls in half precision
+            assert p.dtype == dtype and p.device.type == "cuda"
             assert loss.dtype == torch.float32 and loss.device.type == "cuda"
             # the whole step; a fake tensor has no value to test for NaN
             with mock.patch.object(torch.Tensor, "backward", backward_by_hand(run)), \
@@ -458,7 +480,8 @@ def test_cuda_step_on_fake_tensors(precision):
         assert all(v.dtype == torch.float32 and v.device.type == "cuda" for v in terms.values())
         assert target_means.shape == (8, 128) and target_means.device.type == "cuda"
         first = next(run["encoder"].parameters())
-        assert run["opt"].state[first]["exp_avg"].device.type == "cuda"  # AdamW stepped on the GPU
+        # AdamW stepped on the GPU
+        assert run["opt"].state[first]["exp_avg"].device.type == "cuda"
         assert all(p.device.type == "cuda" for p in run["target_encoder"].parameters())
 
 
@@ -468,10 +491,12 @@ def test_probe_features_on_fake_cuda_come_back_to_host_memory():
     encoder = cjepa.make_encoder(args)
     data = cjepa.DemoImages("test", augment=False)
     subset = torch.utils.data.Subset(data, range(300))
-    batches = list(torch.utils.data.DataLoader(subset, batch_size=256))  # (a loader draws a seed: not
-    with fake_cuda_mode():                                                # on fake tensors)
+    # (a loader draws a seed: not on fake tensors)
+    batches = list(torch.utils.data.DataLoader(subset, batch_size=256))
+    with fake_cuda_mode():
         encoder = encoder.to("cuda")
-        with cuda_amp_allowed(), mock.patch.object(torch.utils.data, "DataLoader", lambda *a, **k: batches):
+        with cuda_amp_allowed(), mock.patch.object(torch.utils.data, "DataLoader",
+                                                   lambda *a, **k: batches):
             autocast = torch.autocast("cuda", dtype=torch.bfloat16)
             x, y = cjepa.extract_features(lambda images: cjepa.probe_features(encoder, images, 2),
                                           subset, torch.device("cuda"), autocast, 0)
@@ -497,7 +522,8 @@ def test_ddp_step_on_the_meta_device_with_a_fake_process_group():
         seen["gather backward"] = grad.shape
         return real_backward(ctx, grad)
 
-    def allreduce_hook(state, bucket):  # DDP's gradient all-reduce (the fake group's future is empty)
+    # DDP's gradient all-reduce (the fake group's future is empty)
+    def allreduce_hook(state, bucket):
         dist.all_reduce(bucket.buffer())
         seen["buckets"] = seen.get("buckets", 0) + 1
         done = torch.futures.Future()
@@ -528,33 +554,42 @@ def test_ddp_step_on_the_meta_device_with_a_fake_process_group():
     assert run["opt"].state[first]["exp_avg"].device.type == "meta"
 
 
-# ------------------------------------------------------------------------------- 8. the training loop
+# --------------------------------------------------------------------- 8. the training loop
 def test_short_run_drops_the_loss_and_writes_a_run_folder(tmp_path, capsys, monkeypatch):
     data = write_image_folder(str(tmp_path / "data"), n_per_class=32, splits=("train", "val"))
     out = str(tmp_path / "run")
-    code, err = run_main(["--data", data, "--out", out, *TINY, "--epochs", "4", "--lr", "2e-3", "--probe-epochs", "20"], capsys)
+    code, err = run_main(["--data", data, "--out", out, *TINY, "--epochs", "4", "--lr", "2e-3",
+                          "--probe-epochs", "20"], capsys)
     assert code == 0, err
     log = [json.loads(line) for line in open(os.path.join(out, "log.jsonl"))]
     assert [line["epoch"] for line in log] == [1, 2, 3, 4]
     assert log[-1]["ijepa"] < log[0]["ijepa"]
-    assert {"loss", "ijepa", "sim", "std", "cov", "lr", "wd", "momentum", "feat_std", "erank", "img_per_s"} <= set(log[0])
+    assert {"loss", "ijepa", "sim", "std", "cov", "lr", "wd", "momentum", "feat_std", "erank",
+            "img_per_s"} <= set(log[0])
     ckpt = torch.load(os.path.join(out, "checkpoint.pt"), weights_only=True)
-    assert ckpt["epoch"] == 4 and set(ckpt) >= {"encoder", "predictor", "target_encoder", "opt", "scaler", "args", "probe"}
+    assert ckpt["epoch"] == 4 and set(ckpt) >= {"encoder", "predictor", "target_encoder", "opt",
+                                                "scaler", "args", "probe"}
     assert ckpt["args"]["arch"] == "vit_demo"
     assert os.path.getsize(os.path.join(out, "curves.png")) > 1000
     probe = json.load(open(os.path.join(out, "probe.json")))["cjepa_target_encoder"]
-    assert 0 < probe <= 100  # (mean-pooled tokens barely see stripe orientation: the demo test checks learning)
-    code, err = run_main(["--probe-only", os.path.join(out, "checkpoint.pt"), "--probe-epochs", "20", "--device", "cpu"], capsys)
+    # (mean-pooled tokens barely see stripe orientation: the demo test checks learning)
+    assert 0 < probe <= 100
+    code, err = run_main(["--probe-only", os.path.join(out, "checkpoint.pt"),
+                          "--probe-epochs", "20", "--device", "cpu"], capsys)
     assert code == 0, err
-    again = json.load(open(os.path.join(out, "probe_data.json")))  # named by its data: probe.json stays
+    # named by its data: probe.json stays
+    again = json.load(open(os.path.join(out, "probe_data.json")))
     assert again["cjepa_target_encoder"] == probe  # same features, same seed
-    assert set(again) == {"cjepa_target_encoder", "random_init_encoder", "raw_pixels"}  # with its baselines
+    # with its baselines
+    assert set(again) == {"cjepa_target_encoder", "random_init_encoder", "raw_pixels"}
     assert json.load(open(os.path.join(out, "probe.json")))["cjepa_target_encoder"] == probe
     def read_only(*args, **kwargs):  # (tests run as root here, so chmod would not stop a write)
         raise PermissionError(13, "Permission denied", os.path.join(out, "probe.json"))
     monkeypatch.setattr(cjepa.json, "dump", read_only)
-    code, err = run_main(["--probe-only", os.path.join(out, "checkpoint.pt"), "--probe-epochs", "1", "--device", "cpu"], capsys)
-    assert code == 0 and "Traceback" not in err and "warning: could not save the probe result" in err, err
+    code, err = run_main(["--probe-only", os.path.join(out, "checkpoint.pt"),
+                          "--probe-epochs", "1", "--device", "cpu"], capsys)
+    assert (code == 0 and "Traceback" not in err
+            and "warning: could not save the probe result" in err), err
 
 
 def test_checkpoint_round_trip(tmp_path):
@@ -571,24 +606,28 @@ def test_checkpoint_round_trip(tmp_path):
     for key in ("encoder", "predictor", "target_encoder"):
         for (k, a), b in zip(run[key].state_dict().items(), fresh[key].state_dict().values()):
             assert torch.equal(a, b), k
-    assert fresh["opt"].state_dict()["state"][0]["step"] == run["opt"].state_dict()["state"][0]["step"]
+    assert (fresh["opt"].state_dict()["state"][0]["step"]
+            == run["opt"].state_dict()["state"][0]["step"])
 
 
 def test_resume_keeps_this_machines_adamw_implementation(tmp_path):
-    """A checkpoint written with plain AdamW (a CPU run) resumed where AdamW is fused (CUDA) stays fused,
-    and takes the same next step."""
+    """A checkpoint written with plain AdamW (a CPU run) resumed where AdamW is fused (CUDA) stays
+    fused, and takes the same next step."""
     torch.manual_seed(0)
     args = tiny_args()
     run = cjepa.build_run(args, torch.device("cpu"), nullcontext())
     gen, images = torch.Generator().manual_seed(0), torch.randn(8, 3, 28, 28)
-    cjepa.train_step(run, images, *cjepa.sample_masks(8, 7, 7, gen, min_keep=4), 1e-3, 0.04, 0.9, args)
+    cjepa.train_step(run, images, *cjepa.sample_masks(8, 7, 7, gen, min_keep=4),
+                     1e-3, 0.04, 0.9, args)
     args.out, path = str(tmp_path), str(tmp_path / "checkpoint.pt")
     cjepa.save_checkpoint(run, args, 1)
     masks, weights = cjepa.sample_masks(8, 7, 7, gen, min_keep=4), {}
     for fused in (False, True):
         fresh = cjepa.build_run(args, torch.device("cpu"), nullcontext())
-        groups = [dict(params=g["params"], weight_decay=g["weight_decay"]) for g in fresh["opt"].param_groups]
-        fresh["opt"] = torch.optim.AdamW(groups, lr=args.lr, fused=fused)  # as make_optimizer builds it on CUDA
+        groups = [dict(params=g["params"], weight_decay=g["weight_decay"])
+                  for g in fresh["opt"].param_groups]
+        # as make_optimizer builds it on CUDA
+        fresh["opt"] = torch.optim.AdamW(groups, lr=args.lr, fused=fused)
         cjepa.resume(fresh, path, args)
         assert all(g["fused"] == fused for g in fresh["opt"].param_groups)
         cjepa.train_step(fresh, images, *masks, 1e-3, 0.04, 0.9, args)
@@ -623,7 +662,8 @@ cjepa.main(sys.argv[1:])
 """
 
 
-def test_the_same_command_continues_from_any_step_to_the_same_weights(tmp_path, capsys, monkeypatch):
+def test_the_same_command_continues_from_any_step_to_the_same_weights(tmp_path, capsys,
+                                                                      monkeypatch):
     """Stopped after an epoch (--stop-after), by SIGTERM in the middle of an epoch, or killed
     (SIGKILL) after a timed mid-epoch save: the same command (as a requeued job runs it) continues
     the run, which ends bit for bit where the uninterrupted one does, and log.jsonl holds every
@@ -657,12 +697,14 @@ def test_the_same_command_continues_from_any_step_to_the_same_weights(tmp_path, 
     code, err = run_main([*flags, "--out", stopped], capsys)
     monkeypatch.setattr(cjepa, "train_step", real_step)
     assert code == 128 + signal.SIGTERM, err
-    assert "stopped by SIGTERM at epoch 2, step 2" in err and "the same command continues" in err, err
+    assert ("stopped by SIGTERM at epoch 2, step 2" in err
+            and "the same command continues" in err), err
     assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL  # handlers restored
     ckpt = load(stopped)
     assert (ckpt["epoch"], ckpt["step"]) == (1, 2)
     assert run_main([*flags, "--out", stopped], capsys)[0] == 0
-    assert_same_run(load(whole), load(stopped))  # fails if the resume restarts epoch 2 from its first batch
+    # fails if the resume restarts epoch 2 from its first batch
+    assert_same_run(load(whole), load(stopped))
     log = [json.loads(line) for line in open(os.path.join(stopped, "log.jsonl"))]
     assert [line["epoch"] for line in log] == [1, 2, 3]
     for key in ("loss", "ijepa", "std", "cov", "erank"):  # epoch 2 is the mean over all its steps
@@ -691,19 +733,25 @@ def test_another_setting_into_a_used_folder_is_refused_and_changes_nothing(tmp_p
     out = str(tmp_path / "run")
     assert run_main(["--data", data, "--out", out, *TINY, "--epochs", "2"], capsys)[0] == 0
     before, log_before = load(out), open(os.path.join(out, "log.jsonl")).read()
-    code, err = run_main(["--data", data, "--out", out, *TINY, "--epochs", "1", "--vicreg", "0"], capsys)
-    assert_one_line_error(code, err, "holds a run with other settings", "epochs 2 -> 1", "vicreg 0.001 -> 0.0",
-                          "another --out", "--overwrite", "--resume")
-    assert_same_run(before, load(out)) and open(os.path.join(out, "log.jsonl")).read() == log_before
-    other = str(tmp_path / "other")  # --resume another run's checkpoint into this folder: refused too
+    code, err = run_main(["--data", data, "--out", out, *TINY, "--epochs", "1",
+                          "--vicreg", "0"], capsys)
+    assert_one_line_error(code, err, "holds a run with other settings", "epochs 2 -> 1",
+                          "vicreg 0.001 -> 0.0", "another --out", "--overwrite", "--resume")
+    assert_same_run(before, load(out))
+    assert open(os.path.join(out, "log.jsonl")).read() == log_before
+    # --resume another run's checkpoint into this folder: refused too
+    other = str(tmp_path / "other")
     assert run_main(["--data", data, "--out", other, *TINY, "--epochs", "1"], capsys)[0] == 0
     code, err = run_main(["--data", data, "--out", out, *TINY, "--epochs", "2", "--resume",
                           os.path.join(other, "checkpoint.pt")], capsys)
     assert_one_line_error(code, err, "holds a run already")
-    assert run_main(["--data", data, "--out", out, *TINY, "--epochs", "1", "--overwrite"], capsys)[0] == 0
+    assert run_main(["--data", data, "--out", out, *TINY, "--epochs", "1",
+                     "--overwrite"], capsys)[0] == 0
     assert log_epochs(out) == [1] and load(out)["epoch"] == 1  # the old run's log went with it
-    assert_one_line_error(*run_main(["--recipe", "small", "--out", str(tmp_path / "s")], capsys), "give --data DIR")
-    code, err = run_main(["--probe-only", os.path.join(out, "checkpoint.pt"), "--device", "cpu"], capsys)
+    assert_one_line_error(*run_main(["--recipe", "small", "--out", str(tmp_path / "s")], capsys),
+                          "give --data DIR")
+    code, err = run_main(["--probe-only", os.path.join(out, "checkpoint.pt"),
+                          "--device", "cpu"], capsys)
     assert_one_line_error(code, err, "has no val/ folder to probe on")
 
 
@@ -712,17 +760,21 @@ def test_recipes_fit_any_grid_and_help_shows_every_default(capsys):
         args = cjepa.parse_args(["--data", "x", "--arch", "vit_demo", "--img-size", str(img_size)])
         grid = img_size // 4
         assert cjepa.masks_fit(grid, grid, args.target_scale, args.min_keep), img_size
-        assert not cjepa.masks_fit(grid, grid, args.target_scale, args.min_keep + 1) or args.min_keep == 10
+        assert (not cjepa.masks_fit(grid, grid, args.target_scale, args.min_keep + 1)
+                or args.min_keep == 10)
         if expected:
             assert args.min_keep == expected
-        ctx, tgt = cjepa.sample_masks(8, grid, grid, torch.Generator().manual_seed(0), **cjepa.mask_config(args))
+        ctx, tgt = cjepa.sample_masks(8, grid, grid, torch.Generator().manual_seed(0),
+                                      **cjepa.mask_config(args))
         assert ctx.shape[1] >= args.min_keep and tgt.shape[2] >= args.min_keep
     err = capsys.readouterr().err
     assert "min_keep 10 cannot fit a 7x7 patch grid: using 6" in err and err.count("7x7") == 1
-    given = cjepa.parse_args(["--data", "x", "--arch", "vit_demo", "--img-size", "28", "--min-keep", "9"])
+    given = cjepa.parse_args(["--data", "x", "--arch", "vit_demo", "--img-size", "28",
+                              "--min-keep", "9"])
     assert given.min_keep == 9  # given: kept (check_args then says it does not fit)
     small = cjepa.parse_args(["--data", "x", "--recipe", "small", "--img-size", "30"])
-    assert (small.arch, small.epochs, small.vicreg, small.out) == ("vit_demo", 6, 0.01, "runs/small")
+    assert ((small.arch, small.epochs, small.vicreg, small.out)
+            == ("vit_demo", 6, 0.01, "runs/small"))
     assert small.img_size == 30  # given: kept (check_args says it is no multiple of the patch)
     with pytest.raises(SystemExit):
         cjepa.parse_args(["--help"])
@@ -739,7 +791,8 @@ def test_a_finished_run_run_again_says_so_and_shows_its_probe(tmp_path, capsys):
     out = str(tmp_path / "run")
     argv = ["--data", data, "--out", out, *TINY, "--epochs", "1", "--probe-epochs", "2"]
     assert run_main(argv, capsys)[0] == 0
-    files = {name: open(os.path.join(out, name), "rb").read() for name in ("checkpoint.pt", "log.jsonl")}
+    files = {name: open(os.path.join(out, name), "rb").read()
+             for name in ("checkpoint.pt", "log.jsonl")}
     probe = json.load(open(os.path.join(out, "probe.json")))
     cjepa.main(argv)
     said = capsys.readouterr().out
@@ -757,20 +810,26 @@ def test_log_follows_the_checkpoint_on_resume(tmp_path, capsys):
     flags = ["--data", data, *TINY, "--epochs", "3"]
     assert run_main([*flags, "--out", out, "--stop-after", "1"], capsys)[0] == 0
     shutil.copy(os.path.join(out, "checkpoint.pt"), tmp_path / "epoch1.pt")
-    assert run_main([*flags, "--out", out, "--stop-after", "2", "--resume", os.path.join(out, "checkpoint.pt")], capsys)[0] == 0
+    assert run_main([*flags, "--out", out, "--stop-after", "2",
+                     "--resume", os.path.join(out, "checkpoint.pt")], capsys)[0] == 0
     lines = open(os.path.join(out, "log.jsonl")).readlines()
-    assert [json.loads(line)["epoch"] for line in lines] == [1, 2] and load(out)["log"] == [json.loads(x) for x in lines]
+    assert ([json.loads(line)["epoch"] for line in lines] == [1, 2]
+            and load(out)["log"] == [json.loads(x) for x in lines])
     shutil.copy(tmp_path / "epoch1.pt", os.path.join(out, "checkpoint.pt"))  # back to epoch 1
     with open(os.path.join(out, "log.jsonl"), "a") as f:
         f.write('{"epoch": 3, "loss": 1.0}\n')
-    assert run_main([*flags, "--out", out, "--stop-after", "2", "--resume", os.path.join(out, "checkpoint.pt")], capsys)[0] == 0
+    assert run_main([*flags, "--out", out, "--stop-after", "2",
+                     "--resume", os.path.join(out, "checkpoint.pt")], capsys)[0] == 0
     again = [json.loads(line) for line in open(os.path.join(out, "log.jsonl"))]
-    assert again[0] == json.loads(lines[0]) and [line["loss"] for line in again] == [json.loads(x)["loss"] for x in lines]
+    assert (again[0] == json.loads(lines[0])
+            and [line["loss"] for line in again] == [json.loads(x)["loss"] for x in lines])
     old = load(out)  # an old checkpoint: no 'log'
     del old["log"]
     torch.save(old, os.path.join(out, "checkpoint.pt"))
-    assert run_main([*flags, "--out", out, "--resume", os.path.join(out, "checkpoint.pt")], capsys)[0] == 0
-    assert log_epochs(out) == [1, 2, 3] and json.loads(open(os.path.join(out, "log.jsonl")).readline()) == json.loads(lines[0])
+    assert run_main([*flags, "--out", out,
+                     "--resume", os.path.join(out, "checkpoint.pt")], capsys)[0] == 0
+    assert (log_epochs(out) == [1, 2, 3]
+            and json.loads(open(os.path.join(out, "log.jsonl")).readline()) == json.loads(lines[0]))
 
 
 def test_batches_and_masks_do_not_depend_on_the_workers_or_the_start(tmp_path):
@@ -813,10 +872,11 @@ def test_a_failed_save_keeps_the_previous_checkpoint(tmp_path, capsys, monkeypat
     assert log_epochs(out) == [1]
     a_file = tmp_path / "a_file"
     a_file.write_text("not a folder")
-    assert_one_line_error(*run_main(["--data", data, "--out", str(a_file), *TINY], capsys), "cannot make the run folder")
+    assert_one_line_error(*run_main(["--data", data, "--out", str(a_file), *TINY], capsys),
+                          "cannot make the run folder")
 
 
-# ------------------------------------------------------------------------------- 7. DDP
+# --------------------------------------------------------------------- 7. DDP
 def free_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -831,20 +891,24 @@ def ddp_batch():
 
 
 def one_step(rank, world):
-    """One training step on this rank's share of a fixed global batch of 8; returns the updated weights."""
-    args = tiny_args("--vicreg", "1.0", "--clip", "1.0")  # a large VICReg weight: the gathered statistics matter
+    """One training step on this rank's share of a fixed global batch of 8; returns the updated
+    weights."""
+    # a large VICReg weight: the gathered statistics matter
+    args = tiny_args("--vicreg", "1.0", "--clip", "1.0")
     torch.manual_seed(0)
     run = cjepa.build_run(args, torch.device("cpu"), nullcontext())
     # SGD, so the weights' change is the gradient (Adam's first step is ~lr * sign(grad): it would
     # magnify rounding noise in near-zero gradients)
-    run["opt"] = torch.optim.SGD([dict(params=g["params"]) for g in run["opt"].param_groups], lr=0.1)
+    run["opt"] = torch.optim.SGD([dict(params=g["params"]) for g in run["opt"].param_groups],
+                                 lr=0.1)
     if world > 1:
         for key in ("encoder", "predictor"):
             run[key] = torch.nn.parallel.DistributedDataParallel(run[key])
     images, ctx, tgt = ddp_batch()
     share = slice(rank * 8 // world, (rank + 1) * 8 // world)
     cjepa.train_step(run, images[share], ctx[share], tgt[:, share], 0.1, 0.04, 0.99, args)
-    return {key: cjepa.unwrap(run[key]).state_dict() for key in ("encoder", "predictor", "target_encoder")}
+    return {key: cjepa.unwrap(run[key]).state_dict()
+            for key in ("encoder", "predictor", "target_encoder")}
 
 
 def ddp_worker(rank, world, port, out):
@@ -862,10 +926,12 @@ def test_ddp_step_equals_one_process_on_the_global_batch(tmp_path):
     ddp, single = torch.load(out, weights_only=True), one_step(0, 1)
     for key in single:
         for k in single[key]:
-            torch.testing.assert_close(ddp[key][k], single[key][k], atol=2e-6, rtol=1e-4, msg=f"{key}.{k}")
+            torch.testing.assert_close(ddp[key][k], single[key][k], atol=2e-6, rtol=1e-4,
+                                       msg=f"{key}.{k}")
     torch.manual_seed(0)
     initial = cjepa.make_encoder(tiny_args()).state_dict()["blocks.0.attn.qkv.weight"]
-    assert (single["encoder"]["blocks.0.attn.qkv.weight"] - initial).abs().max() > 1e-4  # a real update
+    # a real update
+    assert (single["encoder"]["blocks.0.attn.qkv.weight"] - initial).abs().max() > 1e-4
 
 
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run"]
@@ -895,7 +961,8 @@ def test_torchrun_two_processes_train_continue_and_probe(tmp_path):
     margs = cjepa.parse_args(["--data", data, *TINY])
     encoder = cjepa.make_encoder(margs)
     encoder.load_state_dict(ckpt["target_encoder"])
-    single = cjepa.knn_monitor(encoder, cjepa.knn_sets(margs), margs, torch.device("cpu"), nullcontext())
+    single = cjepa.knn_monitor(encoder, cjepa.knn_sets(margs), margs, torch.device("cpu"),
+                               nullcontext())
     assert log[-1]["knn"] == single and 0 < single <= 100
 
 
@@ -918,7 +985,8 @@ def test_torchrun_stops_restarts_and_runs_on_two_nodes_like_one_uninterrupted_ru
     2-process run: SIGTERM to torchrun (every rank stops after the same step), then the same
     command; a worker killed under torchrun --max-restarts=1, which restarts the group from the
     last save; and two torchrun launchers of one process each (two nodes) instead of one of two."""
-    data = write_image_folder(str(tmp_path / "data"), n_per_class=24)  # 48 images: 12 steps an epoch
+    # 48 images: 12 steps an epoch
+    data = write_image_folder(str(tmp_path / "data"), n_per_class=24)
     flags = ["--data", data, *TINY, "--batch-size", "2", "--epochs", "8"]
     whole, stopped, restarted = (str(tmp_path / name) for name in ("whole", "stopped", "restarted"))
     assert torchrun(*flags, "--out", whole).returncode == 0
@@ -926,8 +994,8 @@ def test_torchrun_stops_restarts_and_runs_on_two_nodes_like_one_uninterrupted_ru
 
     # 1. SIGTERM: torchrun passes it on to both ranks; rank 0 says where they stopped
     cmd = [*TORCHRUN, "--standalone", "--nproc_per_node=2", os.path.join(HERE, "cjepa.py"), *flags]
-    proc = subprocess.Popen([*cmd, "--out", stopped], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                            text=True, env=ONE_THREAD)
+    proc = subprocess.Popen([*cmd, "--out", stopped], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True, env=ONE_THREAD)
     wait_for_a_save(stopped, (1, 0), proc)
     time.sleep(0.3)
     proc.send_signal(signal.SIGTERM)
@@ -948,9 +1016,11 @@ def test_torchrun_stops_restarts_and_runs_on_two_nodes_like_one_uninterrupted_ru
     # 2. --max-restarts=1: a worker dies (SIGKILL) after a timed save in the middle of an epoch
     cmd = [*TORCHRUN, "--standalone", "--nproc_per_node=2", "--max-restarts=1",
            os.path.join(HERE, "cjepa.py"), *flags, "--out", restarted, "--save-every", "0.001"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=ONE_THREAD)
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env=ONE_THREAD)
     wait_for_a_save(restarted, (1, 3), proc)
-    workers = subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True).stdout.split()
+    workers = subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True,
+                             text=True).stdout.split()
     assert len(workers) == 2
     os.kill(int(workers[1]), signal.SIGKILL)
     out, _ = proc.communicate(timeout=180)
@@ -963,18 +1033,22 @@ def test_torchrun_stops_restarts_and_runs_on_two_nodes_like_one_uninterrupted_ru
     endpoint = f"--rdzv-endpoint=127.0.0.1:{free_port()}"
     nodes = [subprocess.Popen([*TORCHRUN, "--nnodes=2", "--nproc_per_node=1", "--rdzv-backend=c10d",
                                endpoint, "--rdzv-id=two_nodes",
-                               os.path.join(HERE, "cjepa.py"), *flags, "--out", str(tmp_path / "nodes")],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=ONE_THREAD)
+                               os.path.join(HERE, "cjepa.py"), *flags,
+                               "--out", str(tmp_path / "nodes")],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                              env=ONE_THREAD)
              for _ in range(2)]
     assert all(node.wait(timeout=180) == 0 for node in nodes), nodes[0].stderr.read()[-3000:]
     assert_same_run(load(whole), load(str(tmp_path / "nodes")))
 
 
-# ------------------------------------------------------------------------------- bad input, crashes
+# --------------------------------------------------------------------- bad input, crashes
 def assert_one_line_error(code, err, *fragments):
     assert code == 2, err
-    lines = [line for line in err.replace("\r", "\n").splitlines() if "error:" in line]  # (tqdm bars share stderr)
-    assert "Traceback" not in err and len(lines) == 1 and lines[0].startswith("cjepa.py: error: "), err
+    # (tqdm bars share stderr)
+    lines = [line for line in err.replace("\r", "\n").splitlines() if "error:" in line]
+    assert ("Traceback" not in err and len(lines) == 1
+            and lines[0].startswith("cjepa.py: error: ")), err
     for fragment in fragments:
         assert fragment in lines[0], err
 
@@ -984,29 +1058,50 @@ def test_clear_errors_for_bad_input(tmp_path, capsys):
     (empty / "train").mkdir(parents=True)
     data = write_image_folder(str(tmp_path / "data"))
     out = ["--out", str(tmp_path / "run")]
-    assert_one_line_error(*run_main(["--data", str(tmp_path / "nope"), *TINY, *out], capsys), "no such folder")
-    assert_one_line_error(*run_main(["--data", str(tmp_path), *TINY, *out], capsys), "has no train/ folder")
+    assert_one_line_error(*run_main(["--data", str(tmp_path / "nope"), *TINY, *out], capsys),
+                          "no such folder")
+    assert_one_line_error(*run_main(["--data", str(tmp_path), *TINY, *out], capsys),
+                          "has no train/ folder")
     assert_one_line_error(*run_main(["--data", str(empty), *TINY, *out], capsys), "class folder")
-    assert_one_line_error(*run_main(["--data", data, *TINY, *out, "--img-size", "30"], capsys), "not a multiple of the patch size 4")
-    assert_one_line_error(*run_main(["--data", data, *TINY, *out, "--min-keep", "20"], capsys), "do not fit a 7x7")
-    assert_one_line_error(*run_main(["--data", data, *TINY, *out, "--precision", "fp16"], capsys), "needs CUDA")
+    assert_one_line_error(*run_main(["--data", data, *TINY, *out, "--img-size", "30"], capsys),
+                          "not a multiple of the patch size 4")
+    assert_one_line_error(*run_main(["--data", data, *TINY, *out, "--min-keep", "20"], capsys),
+                          "do not fit a 7x7")
+    assert_one_line_error(*run_main(["--data", data, *TINY, *out, "--precision", "fp16"], capsys),
+                          "needs CUDA")
     if not torch.cuda.is_available():
-        assert_one_line_error(*run_main(["--data", data, *TINY, *out, "--device", "cuda"], capsys), "has 0 CUDA device")
-    assert_one_line_error(*run_main(["--data", data, *TINY, *out, "--batch-size", "64"], capsys), "fewer than one global batch")
-    assert_one_line_error(*run_main(["--data", data, *TINY, *out, "--batch-size", "1"], capsys), "at least 2")
-    assert_one_line_error(*run_main(["--data", data, *TINY, *out, "--pred-width", "30"], capsys), "multiple of 4")
-    assert_one_line_error(*run_main(["--data", data, *TINY, *out, "--probe-blocks", "5"], capsys), "more than the depth 4")
-    assert_one_line_error(*run_main(["--data", data, *TINY, *out, "--n-targets", "0"], capsys), "at least 1")
-    assert_one_line_error(*run_main(["--data", data, *TINY, *out, "--device", "tpu"], capsys), "Expected one of cpu")
-    assert_one_line_error(*run_main([*out, "--img-size", "32"], capsys), "the demo set's images are 28 x 28")
+        assert_one_line_error(*run_main(["--data", data, *TINY, *out, "--device", "cuda"], capsys),
+                              "has 0 CUDA device")
+    assert_one_line_error(*run_main(["--data", data, *TINY, *out, "--batch-size", "64"], capsys),
+                          "fewer than one global batch")
+    assert_one_line_error(*run_main(["--data", data, *TINY, *out, "--batch-size", "1"], capsys),
+                          "at least 2")
+    assert_one_line_error(*run_main(["--data", data, *TINY, *out, "--pred-width", "30"], capsys),
+                          "multiple of 4")
+    assert_one_line_error(*run_main(["--data", data, *TINY, *out, "--probe-blocks", "5"], capsys),
+                          "more than the depth 4")
+    assert_one_line_error(*run_main(["--data", data, *TINY, *out, "--n-targets", "0"], capsys),
+                          "at least 1")
+    assert_one_line_error(*run_main(["--data", data, *TINY, *out, "--device", "tpu"], capsys),
+                          "Expected one of cpu")
+    assert_one_line_error(*run_main([*out, "--img-size", "32"], capsys),
+                          "the demo set's images are 28 x 28")
     not_ckpt = tmp_path / "notes.txt"
     not_ckpt.write_text("hello")
-    assert_one_line_error(*run_main(["--data", data, *TINY, *out, "--resume", str(not_ckpt)], capsys), "is not a checkpoint")
+    assert_one_line_error(*run_main(["--data", data, *TINY, *out,
+                                     "--resume", str(not_ckpt)], capsys),
+                          "is not a checkpoint")
     (tmp_path / "empty.pt").write_bytes(b"")
-    assert_one_line_error(*run_main(["--data", data, *TINY, *out, "--resume", str(tmp_path / "empty.pt")], capsys), "is not a checkpoint")
+    assert_one_line_error(*run_main(["--data", data, *TINY, *out,
+                                     "--resume", str(tmp_path / "empty.pt")], capsys),
+                          "is not a checkpoint")
     torch.save({"weights": torch.zeros(3)}, tmp_path / "other.pt")
-    assert_one_line_error(*run_main(["--data", data, *TINY, *out, "--resume", str(tmp_path / "other.pt")], capsys), "not a C-JEPA checkpoint")
-    assert_one_line_error(*run_main(["--data", data, *TINY, *out, "--resume", str(tmp_path / "missing.pt")], capsys), "no such checkpoint")
+    assert_one_line_error(*run_main(["--data", data, *TINY, *out,
+                                     "--resume", str(tmp_path / "other.pt")], capsys),
+                          "not a C-JEPA checkpoint")
+    assert_one_line_error(*run_main(["--data", data, *TINY, *out,
+                                     "--resume", str(tmp_path / "missing.pt")], capsys),
+                          "no such checkpoint")
 
 
 def test_resume_of_another_architecture_names_the_mismatch(tmp_path, capsys):
@@ -1014,15 +1109,18 @@ def test_resume_of_another_architecture_names_the_mismatch(tmp_path, capsys):
     out = str(tmp_path / "run")
     assert run_main(["--data", data, "--out", out, *TINY, "--epochs", "1"], capsys)[0] == 0
     ckpt = os.path.join(out, "checkpoint.pt")
-    code, err = run_main(["--data", data, "--out", out, *TINY, "--arch", "vit_t16", "--patch-size", "4", "--pred-width", "48",
-                          "--resume", ckpt], capsys)
+    code, err = run_main(["--data", data, "--out", out, *TINY, "--arch", "vit_t16",
+                          "--patch-size", "4", "--pred-width", "48", "--resume", ckpt], capsys)
     assert_one_line_error(code, err, "another architecture", "arch vit_demo vs vit_t16")
-    code, err = run_main(["--data", data, "--out", out, *TINY, "--epochs", "2", "--vicreg", "0", "--resume", ckpt], capsys)
+    code, err = run_main(["--data", data, "--out", out, *TINY, "--epochs", "2", "--vicreg", "0",
+                          "--resume", ckpt], capsys)
     assert code == 0, err
-    assert "warning: resuming with other settings" in err and "epochs 1 -> 2" in err and "vicreg" in err
+    assert ("warning: resuming with other settings" in err and "epochs 1 -> 2" in err
+            and "vicreg" in err)
 
 
-def test_nan_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(tmp_path, capsys, monkeypatch):
+def test_nan_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(tmp_path, capsys,
+                                                                          monkeypatch):
     data = write_image_folder(str(tmp_path / "data"))
     out = str(tmp_path / "run")
     real_loss, calls = cjepa.cjepa_loss, []
@@ -1037,7 +1135,8 @@ def test_nan_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(tmp_pat
     assert_one_line_error(code, err, "nan", "epoch 2, step 2", os.path.join(out, "checkpoint.pt"))
     ckpt = torch.load(os.path.join(out, "checkpoint.pt"), weights_only=True)
     assert ckpt["epoch"] == 1
-    assert all(torch.isfinite(v).all() for key in ("encoder", "target_encoder") for v in ckpt[key].values())
+    assert all(torch.isfinite(v).all()
+               for key in ("encoder", "target_encoder") for v in ckpt[key].values())
 
 
 def test_no_silent_wrong_labels_subsets_or_pixels(tmp_path, capsys):
@@ -1065,7 +1164,8 @@ def test_no_silent_wrong_labels_subsets_or_pixels(tmp_path, capsys):
     assert abs(int(pixels[32, 0]) - round(ramp[32, 0] / 257)) <= 1
     out = ["--out", str(tmp_path / "run")]
     for epochs in ("0", "-3"):
-        assert_one_line_error(*run_main(["--data", data, *TINY, *out, "--epochs", epochs], capsys), "--epochs must be at least 1")
+        assert_one_line_error(*run_main(["--data", data, *TINY, *out, "--epochs", epochs], capsys),
+                              "--epochs must be at least 1")
 
 
 def test_small_recipe_on_a_png_folder_beats_its_random_init_baseline(tmp_path, capsys):
@@ -1076,10 +1176,12 @@ def test_small_recipe_on_a_png_folder_beats_its_random_init_baseline(tmp_path, c
             os.makedirs(tmp_path / "pngs" / split / f"c{y}", exist_ok=True)
             Image.fromarray(x).save(tmp_path / "pngs" / split / f"c{y}" / f"{i}.png")
     out = str(tmp_path / "run")
-    code, err = run_main(["--data", str(tmp_path / "pngs"), "--recipe", "small", "--out", out, "--epochs", "3",
-                          "--workers", "0", "--probe-epochs", "10", "--knn-images", "0"], capsys)
+    code, err = run_main(["--data", str(tmp_path / "pngs"), "--recipe", "small", "--out", out,
+                          "--epochs", "3", "--workers", "0", "--probe-epochs", "10",
+                          "--knn-images", "0"], capsys)
     assert code == 0, err
-    assert load(out)["args"]["img_size"] == 28 and load(out)["args"]["arch"] == "vit_demo"  # from the first image
+    # from the first image
+    assert load(out)["args"]["img_size"] == 28 and load(out)["args"]["arch"] == "vit_demo"
     probe = json.load(open(os.path.join(out, "probe.json")))
     assert probe["cjepa_target_encoder"] > probe["random_init_encoder"] + 3, probe
 
@@ -1089,13 +1191,16 @@ def test_corrupt_image_is_skipped_with_a_warning(tmp_path, capsys):
     bad = os.path.join(data, "train", "class0", "broken.jpg")
     with open(bad, "wb") as f:
         f.write(b"\xff\xd8\xff\xe0 this is not really a jpeg")
-    code, err = run_main(["--data", data, "--out", str(tmp_path / "run"), *TINY, "--epochs", "1"], capsys)
+    code, err = run_main(["--data", data, "--out", str(tmp_path / "run"), *TINY,
+                          "--epochs", "1"], capsys)
     assert code == 0, err
     assert "warning: skipping unreadable image" in err and bad in err
-    for path in glob.glob(os.path.join(data, "train", "*", "*")):  # no readable image left, loader workers on
+    # no readable image left, loader workers on
+    for path in glob.glob(os.path.join(data, "train", "*", "*")):
         with open(path, "wb") as f:
             f.write(b"not an image")
-    code, err = run_main(["--data", data, "--out", str(tmp_path / "run2"), *TINY, "--epochs", "1", "--workers", "2"], capsys)
+    code, err = run_main(["--data", data, "--out", str(tmp_path / "run2"), *TINY,
+                          "--epochs", "1", "--workers", "2"], capsys)
     assert_one_line_error(code, err, "no readable image")
 
 
@@ -1109,44 +1214,52 @@ cjepa.atomic_save({"x": torch.ones(150_000_000)}, sys.argv[1])  # 600 MB: killed
 
 def test_checkpoint_survives_sigkill_during_write(tmp_path):
     path = str(tmp_path / "checkpoint.pt")
-    proc = subprocess.Popen([sys.executable, "-c", KILL_WHILE_SAVING, path], cwd=HERE, stdout=subprocess.PIPE, text=True)
+    proc = subprocess.Popen([sys.executable, "-c", KILL_WHILE_SAVING, path], cwd=HERE,
+                            stdout=subprocess.PIPE, text=True)
     assert proc.stdout.readline().strip() == "saved"
     deadline = time.time() + 60
-    while not (os.path.exists(path + ".tmp") and os.path.getsize(path + ".tmp") > 0) and time.time() < deadline:
+    while (not (os.path.exists(path + ".tmp") and os.path.getsize(path + ".tmp") > 0)
+           and time.time() < deadline):
         time.sleep(0.005)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert proc.returncode == -signal.SIGKILL
-    assert torch.equal(torch.load(path, weights_only=True)["x"], torch.zeros(10))  # the previous one, intact
+    # the previous one, intact
+    assert torch.equal(torch.load(path, weights_only=True)["x"], torch.zeros(10))
 
 
 def test_ddp_exits_when_a_rank_dies(tmp_path):
     data = write_image_folder(str(tmp_path / "data"))
     out = str(tmp_path / "run")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", os.path.join(HERE, "cjepa.py"),
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           os.path.join(HERE, "cjepa.py"),
            "--data", data, "--out", out, *TINY, "--batch-size", "2", "--epochs", "1000"]
-    torchrun_proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    torchrun_proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                     env={**os.environ, "OMP_NUM_THREADS": "1"})
     try:
         deadline = time.time() + 120
         while not os.path.exists(os.path.join(out, "log.jsonl")) and time.time() < deadline:
             time.sleep(0.2)
         assert os.path.exists(os.path.join(out, "log.jsonl")), "training did not start"
-        workers = subprocess.run(["pgrep", "-P", str(torchrun_proc.pid)], capture_output=True, text=True).stdout.split()
+        workers = subprocess.run(["pgrep", "-P", str(torchrun_proc.pid)], capture_output=True,
+                                 text=True).stdout.split()
         assert len(workers) == 2
         os.kill(int(workers[1]), signal.SIGKILL)
         t0 = time.time()
         assert torchrun_proc.wait(timeout=90) != 0
         assert time.time() - t0 < 90
         time.sleep(1)
-        assert subprocess.run(["pgrep", "-P", str(torchrun_proc.pid)], capture_output=True).returncode != 0
+        assert subprocess.run(["pgrep", "-P", str(torchrun_proc.pid)],
+                              capture_output=True).returncode != 0
     finally:
         torchrun_proc.kill()
 
 
-# ------------------------------------------------------------------------------- demo and benchmark
+# --------------------------------------------------------------------- demo and benchmark
 def test_short_demo_learns_from_the_shipped_images(tmp_path, capsys):
     out = str(tmp_path / "demo")
-    code, err = run_main(["--out", out, "--subset", "1500", "--epochs", "2", "--probe-epochs", "10"], capsys)
+    code, err = run_main(["--out", out, "--subset", "1500", "--epochs", "2",
+                          "--probe-epochs", "10"], capsys)
     assert code == 0, err
     probe = json.load(open(os.path.join(out, "probe.json")))
     assert set(probe) == {"cjepa_target_encoder", "random_init_encoder", "raw_pixels"}
@@ -1155,8 +1268,9 @@ def test_short_demo_learns_from_the_shipped_images(tmp_path, capsys):
     assert json.loads(open(os.path.join(out, "log.jsonl")).readline())["epoch"] == 1
 
 
-TINY_BENCHMARK = ["--benchmark", "--arch", "vit_demo", "--img-size", "28", "--batch-size", "8", "--device", "cpu",
-                  "--pred-width", "32", "--pred-depth", "1", "--min-keep", "4", "--workers", "0"]
+TINY_BENCHMARK = ["--benchmark", "--arch", "vit_demo", "--img-size", "28", "--batch-size", "8",
+                  "--device", "cpu", "--pred-width", "32", "--pred-depth", "1", "--min-keep", "4",
+                  "--workers", "0"]
 
 
 def test_benchmark_prints_its_table(capsys):
@@ -1172,8 +1286,9 @@ def test_benchmark_prints_its_table(capsys):
 
 
 def test_mfu_peak_follows_the_gpu_name():
-    names = {"NVIDIA H100 80GB HBM3": 989e12, "NVIDIA H200": 989e12, "NVIDIA A100-SXM4-80GB": 312e12,
-             "NVIDIA A100-PCIE-40GB": 312e12, "NVIDIA B200": 2250e12}
+    names = {"NVIDIA H100 80GB HBM3": 989e12, "NVIDIA H200": 989e12,
+             "NVIDIA A100-SXM4-80GB": 312e12, "NVIDIA A100-PCIE-40GB": 312e12,
+             "NVIDIA B200": 2250e12}
     for name, peak in names.items():
         assert cjepa.gpu_peak(name, "bf16") == cjepa.gpu_peak(name, "fp16") == peak, name
         assert cjepa.gpu_peak(name, "fp32") is None  # the peaks are tensor-core half-precision ones
@@ -1185,16 +1300,20 @@ def test_compiled_blocks_train_like_eager_ones(capsys):
     shapes, no recompilation per batch), the same checkpoint keys, and a benchmark row."""
     args = tiny_args("--vicreg", "0.01")
     gen, images, runs, losses = torch.Generator().manual_seed(0), torch.randn(8, 3, 28, 28), {}, {}
-    masks = [cjepa.sample_masks(8, 7, 7, gen, min_keep=4, target_scale=s) for s in ((0.15, 0.15), (0.3, 0.3))]
+    masks = [cjepa.sample_masks(8, 7, 7, gen, min_keep=4, target_scale=s)
+             for s in ((0.15, 0.15), (0.3, 0.3))]
     assert masks[0][1].shape != masks[1][1].shape
     for compile_ in (False, True):
         torch.manual_seed(0)
         runs[compile_] = cjepa.build_run(args, torch.device("cpu"), nullcontext())
         if compile_:
             cjepa.compile_blocks(runs[compile_])
-        losses[compile_] = [cjepa.train_step(runs[compile_], images, *masks[0], 1e-3, 0.04, 0.9, args)[0]["loss"]]
-        with torch._dynamo.config.patch(error_on_recompile=True):  # other mask sizes reuse the compiled blocks
-            losses[compile_].append(cjepa.train_step(runs[compile_], images, *masks[1], 1e-3, 0.04, 0.9, args)[0]["loss"])
+        losses[compile_] = [cjepa.train_step(runs[compile_], images, *masks[0],
+                                             1e-3, 0.04, 0.9, args)[0]["loss"]]
+        # other mask sizes reuse the compiled blocks
+        with torch._dynamo.config.patch(error_on_recompile=True):
+            losses[compile_].append(cjepa.train_step(runs[compile_], images, *masks[1],
+                                                     1e-3, 0.04, 0.9, args)[0]["loss"])
     torch.testing.assert_close(losses[True], losses[False], rtol=1e-4, atol=1e-5)
     eager, compiled = runs[False]["encoder"].state_dict(), runs[True]["encoder"].state_dict()
     assert list(compiled) == list(eager)
@@ -1204,7 +1323,7 @@ def test_compiled_blocks_train_like_eager_ones(capsys):
     assert "| compiled |" in out and "the compiling step took" in out, out
 
 
-# ------------------------------------------------------------------------------- visualize.py
+# --------------------------------------------------------------------- visualize.py
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
@@ -1230,9 +1349,12 @@ def official_checkpoint(path, img_size=32):
     """An official-format I-JEPA checkpoint of a vit_t16: 'module.' keys, no 'args'."""
     torch.manual_seed(0)
     with torch.device("meta"):  # the shapes, without the slow random init
-        shapes = {k: v.shape for k, v in cjepa.VisionTransformer(img_size, 16, 192, 12, 3).state_dict().items()}
-    states = [{f"module.{k}": 0.02 * torch.randn(shape) for k, shape in shapes.items()} for _ in range(2)]
-    torch.save(dict(encoder=states[0], target_encoder=states[1], predictor={}, opt={}, epoch=1, lr=1e-3), path)
+        shapes = {k: v.shape for k, v
+                  in cjepa.VisionTransformer(img_size, 16, 192, 12, 3).state_dict().items()}
+    states = [{f"module.{k}": 0.02 * torch.randn(shape) for k, shape in shapes.items()}
+              for _ in range(2)]
+    torch.save(dict(encoder=states[0], target_encoder=states[1], predictor={}, opt={}, epoch=1,
+                    lr=1e-3), path)
     return states
 
 
@@ -1248,15 +1370,19 @@ def test_attention_rows_sum_to_one_and_received_maps_follow_the_grid():
             tokens = block(tokens)
         _, reference = explicit_attention(encoder.blocks[-1].attn, encoder.blocks[-1].norm1(tokens))
     torch.testing.assert_close(attn, reference, atol=1e-6, rtol=1e-5)
-    torch.testing.assert_close(attn.sum(dim=-1), torch.ones(3, 2, 49))  # each query's weights sum to 1
+    # each query's weights sum to 1
+    torch.testing.assert_close(attn.sum(dim=-1), torch.ones(3, 2, 49))
     maps = visualize.received_attention(encoder, x)
     per_head = visualize.received_attention(encoder, x, per_head=True)
     assert maps.shape == (3, 1, 28, 28) and per_head.shape == (3, 2, 28, 28)
-    torch.testing.assert_close(maps.mean(dim=(1, 2, 3)), torch.ones(3))  # units of uniform: the mean is 1
+    # units of uniform: the mean is 1
+    torch.testing.assert_close(maps.mean(dim=(1, 2, 3)), torch.ones(3))
     torch.testing.assert_close(per_head.mean(dim=1, keepdim=True), maps)
     received = attn.mean(dim=2).mean(dim=1) * 49  # [B, N]: by hand
-    for b, row, col in ((0, 0, 6), (1, 5, 2), (2, 3, 3)):  # patch (row, col) covers pixels 4*row.., 4*col..
-        assert maps[b, 0, 4 * row + 2, 4 * col + 1].item() == pytest.approx(received[b, 7 * row + col].item(), rel=1e-5)
+    # patch (row, col) covers pixels 4*row.., 4*col..
+    for b, row, col in ((0, 0, 6), (1, 5, 2), (2, 3, 3)):
+        assert (maps[b, 0, 4 * row + 2, 4 * col + 1].item()
+                == pytest.approx(received[b, 7 * row + col].item(), rel=1e-5))
 
 
 def ours_checkpoint(path):
@@ -1265,8 +1391,8 @@ def ours_checkpoint(path):
     args.patch_size = 4
     torch.manual_seed(0)
     encoder, target = cjepa.make_encoder(args), cjepa.make_encoder(args)
-    torch.save(dict(encoder=encoder.state_dict(), target_encoder=target.state_dict(), predictor={}, epoch=1,
-                    args=vars(args)), path)
+    torch.save(dict(encoder=encoder.state_dict(), target_encoder=target.state_dict(), predictor={},
+                    epoch=1, args=vars(args)), path)
     return encoder, target
 
 
@@ -1274,7 +1400,8 @@ def test_writes_a_png_for_our_checkpoint(tmp_path, capsys):
     ckpt = str(tmp_path / "checkpoint.pt")
     encoder, target = ours_checkpoint(ckpt)
     loaded_target, loaded_context, cfg = visualize.load_encoders(ckpt)
-    for a, b in ((loaded_target, target), (loaded_context, encoder)):  # each encoder got its own weights
+    # each encoder got its own weights
+    for a, b in ((loaded_target, target), (loaded_context, encoder)):
         for (k, v), w in zip(a.state_dict().items(), b.state_dict().values()):
             assert torch.equal(v, w), k
     assert cfg.demo and cfg.masks["min_keep"] == 4 and cfg.img_size // cfg.patch_size == 7
@@ -1302,7 +1429,8 @@ def test_writes_a_png_for_our_checkpoint(tmp_path, capsys):
     Image.fromarray(rng.integers(0, 255, (50, 30, 3), dtype=np.uint8)).save(folder / "b.jpg")
     (folder / "notes.txt").write_text("not an image")  # skipped: not an image extension
     heads = str(tmp_path / "heads.png")
-    code, out, err = run_visualize([ckpt, str(folder), "--masks", "--heads", "--out", heads], capsys)
+    code, out, err = run_visualize([ckpt, str(folder), "--masks", "--heads",
+                                    "--out", heads], capsys)
     assert code == 0, err
     assert out.strip() == heads
     width, height = png_size(heads)
@@ -1313,11 +1441,14 @@ def test_writes_a_png_for_an_official_checkpoint(tmp_path, capsys):
     ckpt = str(tmp_path / "IN1K-vit.t.16.pth.tar")
     states = official_checkpoint(ckpt)
     target, context, cfg = visualize.load_encoders(ckpt, "vit_t16", 32)
-    assert not cfg.demo and cfg.masks["min_keep"] == 10  # ImageNet-style; the published mask settings
+    # ImageNet-style; the published mask settings
+    assert not cfg.demo and cfg.masks["min_keep"] == 10
     for model, state in ((context, states[0]), (target, states[1])):
-        assert torch.equal(model.blocks[11].attn.qkv.weight, state["module.blocks.11.attn.qkv.weight"])
+        assert torch.equal(model.blocks[11].attn.qkv.weight,
+                           state["module.blocks.11.attn.qkv.weight"])
     out_png = str(tmp_path / "official.png")
-    code, out, err = run_visualize([ckpt, "--arch", "vit_t16", "--img-size", "32", "--out", out_png], capsys)
+    code, out, err = run_visualize([ckpt, "--arch", "vit_t16", "--img-size", "32",
+                                    "--out", out_png], capsys)
     assert code == 0, err
     assert out.strip() == out_png
     width, height = png_size(out_png)
@@ -1329,13 +1460,15 @@ def test_probe_only_of_an_official_checkpoint(tmp_path, capsys):
     ckpt = str(tmp_path / "official" / "IN1K-vit.t.16.pth.tar")
     os.makedirs(os.path.dirname(ckpt))
     official_checkpoint(ckpt)
-    argv = ["--probe-only", ckpt, "--arch", "vit_t16", "--img-size", "32", "--probe-epochs", "2", "--device", "cpu"]
+    argv = ["--probe-only", ckpt, "--arch", "vit_t16", "--img-size", "32", "--probe-epochs", "2",
+            "--device", "cpu"]
     code, err = run_main(argv + ["--data", data], capsys)
     assert code == 0, err
     probe = json.load(open(tmp_path / "official" / "probe_data.json"))
     assert set(probe) == {"cjepa_target_encoder", "random_init_encoder", "raw_pixels"}
     assert_one_line_error(*run_main(argv, capsys), "the demo set's images are 28 x 28")  # no --data
-    assert_one_line_error(*run_main(argv[:2] + ["--data", data], capsys), "name its architecture with --arch")
+    assert_one_line_error(*run_main(argv[:2] + ["--data", data], capsys),
+                          "name its architecture with --arch")
 
 
 def test_one_line_errors_with_exit_code_2(tmp_path, capsys):
@@ -1350,7 +1483,8 @@ def test_one_line_errors_with_exit_code_2(tmp_path, capsys):
         ([ckpt, "--arch", "vit_s16", "--img-size", "32"], "size mismatch"),  # another architecture
         ([ckpt, "--arch", "vit_t16", "--img-size", "64"], "pos_embed"),  # another image size
         ([ckpt, "--img-size", "32"], "name its architecture with --arch"),  # official, no --arch
-        ([ckpt, "--arch", "vit_t16", "--img-size", "32", "--masks"], "--masks"),  # a 2x2 grid: masks can't fit
+        # a 2x2 grid: masks can't fit
+        ([ckpt, "--arch", "vit_t16", "--img-size", "32", "--masks"], "--masks"),
         ([str(text)], "is not a checkpoint"),
         ([str(tmp_path / "list.pt")], "not an I-JEPA or C-JEPA checkpoint"),
         ([str(tmp_path / "missing.pt")], "no such checkpoint"),
@@ -1376,18 +1510,21 @@ def test_compare_draws_the_papers_four_columns(tmp_path, capsys):
     target, context, cfg = visualize.load_encoders(ours)
     args = visualize.parse_args([ours, "--compare", other])
     titles = [title for title, _ in visualize.columns(target, context, cfg, args)]
-    assert titles == ["I-JEPA target encoder\n(ijepa)", "C-JEPA target encoder", "C-JEPA context encoder"]
+    assert titles == ["I-JEPA target encoder\n(ijepa)", "C-JEPA target encoder",
+                      "C-JEPA context encoder"]
     png = str(tmp_path / "compare.png")
     code, out, err = run_visualize([ours, "--compare", other, "--out", png], capsys)
     assert code == 0, err
     three = str(tmp_path / "three.png")
     assert run_visualize([ours, "--out", three], capsys)[0] == 0
-    assert png_size(png)[0] > png_size(three)[0] and png_size(png)[1] == png_size(three)[1]  # one more column
+    # one more column
+    assert png_size(png)[0] > png_size(three)[0] and png_size(png)[1] == png_size(three)[1]
     official = str(tmp_path / "official.pth.tar")
     official_checkpoint(official)
-    code, out, err = run_visualize([ours, "--compare", official, "--arch", "vit_t16", "--img-size", "32",
-                                    "--out", str(tmp_path / "x.png")], capsys)
-    assert code == 2 and err.startswith("visualize.py: error: --compare") and err.count("\n") == 1, err
+    code, out, err = run_visualize([ours, "--compare", official, "--arch", "vit_t16",
+                                    "--img-size", "32", "--out", str(tmp_path / "x.png")], capsys)
+    assert (code == 2 and err.startswith("visualize.py: error: --compare")
+            and err.count("\n") == 1), err
     assert "vit_t16 at 32 px" in err and "would not line up" in err
 
 
@@ -1396,7 +1533,8 @@ def test_curves_plot_runs_grouped_by_their_settings(tmp_path, capsys):
     runs = []
     for vicreg, seed in (("0.01", "0"), ("0.01", "1"), ("0", "0")):
         out = str(tmp_path / f"v{vicreg}_s{seed}")
-        assert run_main(["--data", data, "--out", out, *TINY, "--vicreg", vicreg, "--seed", seed], capsys)[0] == 0
+        assert run_main(["--data", data, "--out", out, *TINY, "--vicreg", vicreg,
+                         "--seed", seed], capsys)[0] == 0
         runs.append(out)
     assert "knn" in json.loads(open(os.path.join(runs[0], "log.jsonl")).readline())
     fig = visualize.plot_runs(runs)
