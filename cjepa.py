@@ -682,8 +682,10 @@ def setup(args):
             raise CliError(f"--device {args.device}: this machine has {gpus} CUDA device(s)")
         torch.cuda.set_device(device.index or 0)  # for synchronize(), memory stats, pinned memory
     if not args.precision:  # fp32 on a CPU; bf16 on GPUs, but fp16 on those that emulate bf16
-        fast_bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported(including_emulation=False)
-        args.precision = "fp32" if device.type == "cpu" else "bf16" if fast_bf16 else "fp16"
+        args.precision = "fp32"
+        if device.type == "cuda":
+            native = torch.cuda.is_bf16_supported(including_emulation=False)
+            args.precision = "bf16" if native else "fp16"
     if args.precision == "fp16" and device.type != "cuda":
         raise CliError("--precision fp16 needs CUDA; on a CPU use fp32, or bf16 where it has AMX")
     if "RANK" in os.environ:  # launched by torchrun; multi-node works the same (env:// rendezvous)
@@ -851,9 +853,6 @@ def resume(run, path, args):
     if changed and int(os.environ.get("RANK", 0)) == 0:
         print(f"warning: resuming with other settings than the checkpoint's: {', '.join(changed)}",
               file=sys.stderr)
-    if not args.resume and int(os.environ.get("RANK", 0)) == 0:
-        print(f"{args.out} holds this run: continuing it after epoch {ckpt['epoch']}, step "
-              f"{ckpt.get('step', 0)}")
     unwrap(run["encoder"]).load_state_dict(ckpt["encoder"])
     unwrap(run["predictor"]).load_state_dict(ckpt["predictor"])
     run["target_encoder"].load_state_dict(ckpt["target_encoder"])
@@ -1100,6 +1099,8 @@ def pretrain(args, rank, world, device, autocast):
             with open(probe) as f:
                 print_probe_table(json.load(f), f"its linear probe ({probe}):")
         return run
+    if rank == 0 and continued and not args.resume:
+        print(f"{args.out} holds this run: continuing it after epoch {start}, step {step}")
     if rank == 0:
         make_run_folder(args, new_run=not continued)
         n_params = sum(p.numel() for p in unwrap(run["encoder"]).parameters()) / 1e6
@@ -1336,7 +1337,8 @@ def run_probe(target_encoder, args, device, autocast, probe_only=False):
 # 11. Benchmark
 # =============================================================================================
 # For MFU: the dense bf16 / fp16 tensor-core peaks of the SXM parts of common data-centre GPUs,
-# from NVIDIA's data sheets (PCIe and NVL parts have lower peaks: their MFU reads low here).
+# from NVIDIA's data sheets (H100 PCIe, H100 NVL and H200 NVL have lower peaks: their MFU reads
+# low here).
 GPU_PEAKS = {"H100": 989e12, "H200": 989e12, "B200": 2250e12, "A100": 312e12}
 
 
@@ -1423,7 +1425,9 @@ def benchmark(args, device, autocast):
     seconds, memory = timed_steps(run, images, masks[2:], args, device, "timed steps")
     if cuda:
         peak = gpu_peak(name, args.precision)
-        peak_note = f"of the {args.precision} SXM peak" if peak else f"no peak known for {name}"
+        peak_note = f"of the {args.precision} SXM peak"
+        if not peak:
+            peak_note = f"no {args.precision} peak known for {name}"
     else:
         import resource  # the whole process's peak resident memory
         memory = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024

@@ -1,6 +1,7 @@
 """Tests for cjepa.py: each piece against a simple reference, then the whole training path.
 Run: python -m pytest -q test_cjepa.py   (CPU, a few minutes on 2 cores)"""
 import contextlib
+import copy
 import glob
 import json
 import math
@@ -153,6 +154,49 @@ def test_encoder_keep_gathers_after_positions():
     assert enc.state_dict()["pos_embed"].shape == (1, 49, 32)
 
 
+def randomised(module, seed=0):
+    """Every parameter random, the norms' too: in a fresh model all LayerNorms are alike (weight
+    1, bias 0), which would hide a mix-up between them."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.copy_(torch.randn(p.shape, generator=gen) * 0.3)
+    return module
+
+
+def test_block_and_encoder_match_their_formulas_with_every_parameter_random():
+    block = randomised(cjepa.Block(32, 4))
+    x = torch.randn(3, 10, 32, generator=torch.Generator().manual_seed(1))
+    a = x + explicit_attention(block.attn, block.norm1(x))[0]  # x + Attn(LN1(x))
+    ref = a + block.mlp.fc2(F.gelu(block.mlp.fc1(block.norm2(a))))  # a + MLP(LN2(a))
+    torch.testing.assert_close(block(x), ref, atol=1e-4, rtol=1e-4)
+    encoder = randomised(cjepa.VisionTransformer(28, 4, 32, 2, 2), seed=2)
+    images = torch.randn(2, 3, 28, 28, generator=torch.Generator().manual_seed(3))
+    proj = encoder.patch_embed.proj
+    tokens = F.conv2d(images, proj.weight, proj.bias, stride=4).flatten(2).transpose(1, 2)
+    tokens = tokens + cjepa.sincos_pos_embed(32, 7)  # each patch's token knows its place
+    for blk in encoder.blocks:
+        tokens = blk(tokens)
+    ref = F.layer_norm(tokens, (32,), encoder.norm.weight, encoder.norm.bias, eps=1e-6)
+    torch.testing.assert_close(encoder(images), ref, atol=1e-4, rtol=1e-4)
+
+
+def test_fresh_weights_follow_the_official_init():
+    """Linear and patch-embedding weights: truncated normal with std 0.02; biases 0; LayerNorms
+    1 and 0; the predictor's mask token: std 0.02 too."""
+    torch.manual_seed(0)
+    encoder = cjepa.VisionTransformer(224, 16, 192, 2, 3)
+    predictor = cjepa.Predictor(14, 192, 96, 2, 3)
+    for model in (encoder, predictor):
+        for name, p in model.named_parameters():
+            if name.endswith("bias") or "norm" in name:
+                expected = 1.0 if "norm" in name and name.endswith("weight") else 0.0
+                assert torch.all(p == expected), name
+            elif name != "mask_token":
+                assert abs(p.std().item() - 0.02) < 0.002, name
+    assert abs(predictor.mask_token.std().item() - 0.02) < 0.006
+
+
 # --------------------------------------------------------------------- 2. the masks
 def rectangle(idx, W):
     """Patch indices -> (h, w) if they form a filled rectangle, else None."""
@@ -212,6 +256,38 @@ def test_mask_sampler_never_hangs_on_4x4_and_rejects_impossible_configs():
     with pytest.raises(cjepa.CliError, match="do not fit"):
         cjepa.check_masks_fit(4, 4, (0.15, 0.2), 10)
     cjepa.check_masks_fit(14, 14, (0.15, 0.2), 10)  # the published defaults fit
+
+
+def test_block_shapes_draw_scale_and_aspect_independently_over_their_ranges():
+    gen, H, W = torch.Generator().manual_seed(0), 400, 400  # a fine grid: little rounding
+    shapes = [cjepa.draw_block_shape((0.15, 0.2), (0.75, 1.5), H, W, gen) for _ in range(2000)]
+    scale = torch.tensor([h * w / (H * W) for h, w in shapes])
+    aspect = torch.tensor([h / w for h, w in shapes])  # height / width
+    assert 0.147 < scale.min() < 0.152 and 0.198 < scale.max() < 0.203
+    assert 0.74 < aspect.min() < 0.77 and 1.47 < aspect.max() < 1.51
+    assert abs(torch.corrcoef(torch.stack([scale, aspect]))[0, 1]) < 0.1  # independent draws
+
+
+def test_blocks_are_whole_rectangles_at_every_position():
+    blocks = cjepa.place_blocks(500, 3, 2, 7, 7, torch.Generator().manual_seed(0))
+    for block in blocks:
+        assert rectangle(block.nonzero()[:, 0], 7) == (3, 2)
+    tops = blocks.view(500, 7, 7).any(dim=2).int().argmax(dim=1)  # each block's first row
+    assert set(tops.tolist()) == set(range(5))  # every start, the last (7 - 3) included
+    ok = torch.rand(200, 6, generator=torch.Generator().manual_seed(1)) < 0.3
+    for row, first in zip(ok.tolist(), cjepa.first_true(ok).tolist()):  # against a loop
+        assert first == next((i for i, value in enumerate(row) if value), 0)
+
+
+def test_masks_fall_back_when_no_try_fits():
+    """One try, and a min_keep that 4 random target blocks seldom leave free: an image falls back
+    to all 4 blocks on the first one's spot, and to a context of every patch outside them."""
+    gen = torch.Generator().manual_seed(0)
+    ctx, tgt = cjepa.sample_masks(32, 4, 4, gen, target_scale=(0.25, 0.25), min_keep=12, tries=1)
+    assert tgt.shape == (4, 32, 4) and ctx.shape == (32, 12)
+    for b in range(32):
+        assert all(torch.equal(tgt[m, b], tgt[0, b]) for m in range(4))
+        assert set(ctx[b].tolist()) == set(range(16)) - set(tgt[0, b].tolist())
 
 
 # --------------------------------------------------------------------- 3. the predictor
@@ -310,6 +386,37 @@ def test_vicreg_zero_is_plain_ijepa():
     torch.testing.assert_close(stats2["sim"], sim.detach(), atol=1e-6, rtol=1e-5)
 
 
+def reference_loss(p, t, z, beta_vicreg, beta_sim=25.0, beta_std=25.0, beta_cov=1.0):
+    """C-JEPA's loss as we read the paper, written out: smooth L1 on the target blocks, then
+    VICReg's variance and covariance of each image's mean context feature, and its invariance
+    between each image's mean prediction and mean target."""
+    c = z.mean(dim=1)
+    c = c - c.mean(dim=0)
+    n, D = c.shape
+    l_std = F.relu(1 - torch.sqrt(c.var(dim=0) + 1e-4)).mean()
+    cov = c.T @ c / (n - 1)
+    l_cov = ((cov ** 2).sum() - (cov.diagonal() ** 2).sum()) / D
+    l_sim = ((p.mean(dim=(0, 2)) - t.mean(dim=(0, 2))) ** 2).mean()
+    vicreg = beta_sim * l_sim + beta_std * l_std + beta_cov * l_cov
+    return F.smooth_l1_loss(p, t) + beta_vicreg * vicreg
+
+
+def test_loss_and_its_gradients_match_the_formula():
+    """The value and the gradients with respect to the predictions and the context encoder's
+    output: a term computed from the wrong tensor, or detached, changes one of them."""
+    gen = torch.Generator().manual_seed(0)
+    p = torch.randn(4, 6, 5, 16, generator=gen).requires_grad_()
+    t = torch.randn(4, 6, 5, 16, generator=gen)
+    z = (0.5 * torch.randn(6, 9, 16, generator=gen)).requires_grad_()  # std < 1: the hinge acts
+    args = tiny_args("--vicreg", "0.5")
+    got = cjepa.cjepa_loss(p, t, z, args)[0]
+    ref = reference_loss(p, t, z, 0.5)
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-6)
+    for a, b in zip(torch.autograd.grad(got, (p, z)), torch.autograd.grad(ref, (p, z))):
+        assert b.abs().max() > 0
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-7)
+
+
 def test_collapse_monitors_see_dimensional_collapse():
     torch.manual_seed(0)
     spread = torch.randn(512, 32)
@@ -362,6 +469,21 @@ def test_schedule_endpoints():
             and all(a <= b for a, b in zip(lrs[:warmup], lrs[1:warmup + 1])))
 
 
+def test_schedules_follow_their_formulas_at_every_step():
+    args = tiny_args("--lr", "1e-3", "--start-lr", "1e-4", "--final-lr", "1e-6",
+                     "--wd", "0.04", "0.4", "--ema", "0.996", "1.0")
+    total, warmup = 1000, 150
+    for step in range(total):
+        if step < warmup:  # linear warm-up, then a cosine from the peak to final_lr
+            lr = 1e-4 + (1e-3 - 1e-4) * step / warmup
+        else:
+            t = (step - warmup) / (total - warmup)
+            lr = 1e-6 + (1e-3 - 1e-6) * 0.5 * (1 + math.cos(math.pi * t))
+        wd = 0.4 + (0.04 - 0.4) * 0.5 * (1 + math.cos(math.pi * step / total))  # a cosine up
+        m = 0.996 + (1.0 - 0.996) * step / total  # linear
+        assert cjepa.schedules(step, total, warmup, args) == pytest.approx((lr, wd, m), rel=1e-9)
+
+
 def test_weight_decay_only_on_weights():
     args = tiny_args()
     enc = cjepa.make_encoder(args)
@@ -389,6 +511,26 @@ def test_one_training_step_changes_weights():
     torch.testing.assert_close(run["target_encoder"].state_dict()[k],
                                0.9 * target_before[k] + 0.1 * after[k])
     assert all(p.grad is None for p in run["target_encoder"].parameters())
+
+
+def test_a_step_uses_its_schedules_and_a_run_starts_from_one_encoder():
+    """The step's learning rate and weight decay are the ones it is given (biases and norms keep
+    no decay); the target encoder starts as a copy of the context encoder; the features returned
+    for the collapse monitors are the normalised targets, before the EMA moved the encoder."""
+    torch.manual_seed(0)
+    args = tiny_args()
+    run = cjepa.build_run(args, torch.device("cpu"), nullcontext())
+    target = run["target_encoder"].state_dict()
+    for key, value in run["encoder"].state_dict().items():
+        assert torch.equal(value, target[key]), key
+    before = copy.deepcopy(run["target_encoder"])
+    images = torch.randn(8, 3, 28, 28)
+    ctx, tgt = cjepa.sample_masks(8, 7, 7, torch.Generator().manual_seed(0), min_keep=4)
+    _, target_means = cjepa.train_step(run, images, ctx, tgt, 3e-4, 0.25, 0.9, args)
+    weights, others = run["opt"].param_groups
+    assert (weights["lr"], weights["weight_decay"], others["lr"], others["weight_decay"]) == (
+        3e-4, 0.25, 3e-4, 0.0)
+    torch.testing.assert_close(target_means, cjepa.target_features(before, images).mean(dim=1))
 
 
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])
@@ -850,6 +992,35 @@ def test_batches_and_masks_do_not_depend_on_the_workers_or_the_start(tmp_path):
     assert not torch.equal(first[0][0], first[1][0]) and first[0][2].shape[0] == 4
     batches.set_epoch(4)  # another epoch: another order, other crops and masks
     assert not torch.equal(batches[0][0], first[0][0])
+
+
+def test_each_batch_and_rank_draws_its_own_images_crops_and_masks(tmp_path):
+    data = write_image_folder(str(tmp_path / "data"), n_per_class=16)  # 32 images
+    args = tiny_args("--data", data, "--batch-size", "4")
+    dataset = cjepa.make_dataset(args, "train", augment=True)
+    ranks = [cjepa.EpochBatches(dataset, args, rank, 2) for rank in (0, 1)]
+    for batches in ranks:
+        batches.set_epoch(0)
+    assert len(ranks[0]) == len(ranks[1]) == 32 // (4 * 2)  # whole global batches
+    taken = [set(batches.order.flatten().tolist()) for batches in ranks]
+    assert not taken[0] & taken[1] and len(taken[0] | taken[1]) == 32  # disjoint shares
+    masks = [batches[b][2:] for batches in ranks for b in range(len(batches))]
+    for i, one in enumerate(masks):  # no two batches, of one rank or of two, share their masks
+        for other in masks[i + 1:]:
+            assert not all(x.shape == y.shape and torch.equal(x, y) for x, y in zip(one, other))
+
+
+def test_demo_images_flip_about_half_the_time():
+    augmented = cjepa.DemoImages("test", augment=True)
+    plain = cjepa.DemoImages("test", augment=False)
+    torch.manual_seed(0)
+    flipped = 0
+    for i in range(400):
+        x, y = augmented[i][0], plain[i][0]
+        if not torch.equal(x, y):
+            assert torch.equal(x, y.flip(-1))
+            flipped += 1
+    assert 150 < flipped < 250
 
 
 def test_a_failed_save_keeps_the_previous_checkpoint(tmp_path, capsys, monkeypatch):
