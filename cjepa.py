@@ -66,8 +66,9 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 # =============================================================================================
 # The recipes. Every flag not given on the command line takes its value from one of them.
 # =============================================================================================
-# The published C-JEPA ViT-B/16 settings (I-JEPA's, plus beta_vicreg): with --data, and for
-# --benchmark (at batch 32 on a machine without CUDA). Each setting: (value, its --help text).
+# The published C-JEPA ViT-B/16 settings (I-JEPA's recipe with C-JEPA's schedule, epochs and
+# beta_vicreg; probe_blocks to save_every are ours): with --data, and for --benchmark (at batch
+# 32 on a machine without CUDA). Each setting: (value, its --help text).
 SETTINGS = dict(
     arch=("vit_b16", "the encoder: a preset of ARCHS (section 1)"),
     img_size=(224, "images are resized and cropped to this size"),
@@ -93,7 +94,7 @@ SETTINGS = dict(
     probe_blocks=(1, "the probe's features: the mean patch token of the last N blocks"),
     probe_epochs=(20, "epochs of the linear probe's head; 0 skips the probe"),
     knn_images=(5000, "the per-epoch k-NN monitor's images from train and from val; 0 is off"),
-    workers=(min(8, os.cpu_count() or 1), "data-loading processes per GPU"),
+    workers=(min(8, os.cpu_count() or 1), "data-loading workers of each training process"),
     out=("runs/pretrain", "the run folder: checkpoint.pt, log.jsonl, curves.png, probe.json"),
     save_every=(30.0, "minutes between checkpoints within an epoch, which can take hours"),
 )
@@ -208,6 +209,9 @@ class Block(nn.Module):
 
 
 def init_weights(m):
+    """Truncated-normal weights (std 0.02), zero biases, LayerNorms at 1 and 0. (The official code
+    then also divides each block's attn.proj and mlp.fc2 weights by sqrt(2 * the block's number,
+    from 1): this file does not.)"""
     if isinstance(m, (nn.Linear, nn.Conv2d)):
         nn.init.trunc_normal_(m.weight, std=0.02)
         if m.bias is not None:
@@ -259,8 +263,9 @@ def make_encoder(args):
 # block (85-100%) with every target patch removed, so the targets can't be copied: they must be
 # predicted from their surroundings. The masks are the only "augmentation" the method needs:
 # context and targets come from one view of the image, with no hand-made distortions (the data
-# pipeline adds a random resized crop, as I-JEPA does). One block size per batch, so that every
-# image's mask has the same length and the batch is a tensor; positions are drawn per image.
+# pipeline adds a random resized crop, as I-JEPA does; the demo, horizontal flips). One block size
+# per batch, so that every image's target blocks have the same length; positions are drawn per
+# image, and the contexts are cut to the batch's shortest, so that each mask is one tensor.
 TARGET_ASPECT = (0.75, 1.5)  # a target block's height / width
 
 
@@ -297,8 +302,9 @@ def first_true(ok):
 
 def random_subset(mask, gen):
     """mask [B, N] bool -> [B, K] indices, K = the smallest count in the batch: a random K of
-    each row's patches, in raster order. (The official code keeps the first K, of the context
-    and of the target masks alike, which biases both towards the top of their blocks.)"""
+    each row's patches, in raster order. (The official code keeps the first K, which biases the
+    contexts towards the top of the image. It cuts the target masks the same way, but a batch's
+    target blocks all have one size, so nothing of them is cut, there or here.)"""
     k = int(mask.sum(dim=1).min())
     # A random score for every member patch and 2 (above any score) for the others: sorting by
     # score puts each row's members first, in random order.
@@ -336,7 +342,7 @@ def sample_masks(B, H, W, gen, n_targets=4, target_scale=(0.15, 0.2), target_asp
     stuck = ~ok.any(dim=1)
     context[stuck] = free[stuck]  # fallback: every patch outside the targets
 
-    # One length per batch, so that each mask is a tensor: keep a random subset of each.
+    # One length per batch, so that each mask is a tensor: keep a random subset of each context.
     ctx_idx = random_subset(context, gen)  # [B, Kc]
     per_block = targets.transpose(0, 1).reshape(n_targets * B, N)  # row m*B + b: block m, image b
     tgt_idx = random_subset(per_block, gen).view(n_targets, B, -1)  # [M, B, Kt]
@@ -431,7 +437,7 @@ def cjepa_loss(p, t, z, args):
     Returns the loss and its terms, detached, for the log."""
     # I-JEPA: smooth L1 (quadratic below 1, linear above), mean over blocks, patches, features
     l_ijepa = F.smooth_l1_loss(p, t)
-    # VICReg, as we read the paper (it released no code), with fp32 statistics.
+    # VICReg, as we read the paper, with fp32 statistics.
     # Variance and covariance of the mean context feature of each image, over the global batch
     # (under DDP, gather_batch collects every process's images: section 7):
     c = gather_batch(z.float().mean(dim=1))  # [B_global, D]: one mean feature per image
@@ -705,8 +711,8 @@ def setup(args):
 
 def backward_and_step(run, loss, args):
     """Step 4 of train_step, with what mixed precision and DDP need: the loss is checked on every
-    rank first (a NaN never reaches the weights), fp16's GradScaler scales the loss and unscales
-    the gradients (in bf16 and fp32 it does nothing), and --clip clips the gradients' norm."""
+    rank first (a NaN loss never reaches the weights), fp16's GradScaler scales the loss and
+    unscales the gradients (in bf16 and fp32 it does nothing), and --clip clips their norm."""
     if not all_finite(loss):  # (this costs a host sync)
         raise FloatingPointError(f"the loss is {loss.item()}")
     opt, scaler = run["opt"], run["scaler"]
@@ -1216,7 +1222,7 @@ def train_linear_head(train, val, epochs, device, seed=0):
     nn.init.normal_(head[1].weight, std=0.01)
     nn.init.zeros_(head[1].bias)
     opt = torch.optim.AdamW(head.parameters(), lr=1e-2, weight_decay=0.05)
-    batch = max(256, len(x) // 200)  # 256 for small sets; ImageNet: 200 steps an epoch
+    batch = max(256, len(x) // 200)  # 256 for small sets; ImageNet: about 200 steps an epoch
     lr_decay = torch.optim.lr_scheduler.CosineAnnealingLR(opt, epochs * math.ceil(len(x) / batch))
     for _ in range(epochs):
         for idx in torch.randperm(len(x)).split(batch):
@@ -1264,7 +1270,8 @@ def knn_accuracy(train, val, k=20, temperature=0.07):
 
 def knn_sets(args):
     """The fixed images of the per-epoch k-NN monitor: up to --knn-images of train and of val
-    (a random subset, the same every epoch), center-cropped; None without val/ or when off."""
+    (a random subset, the same every epoch), without augmentation; None without val/ or when
+    off."""
     if not args.knn_images or not has_val(args):
         return None
     return [random_part(make_dataset(args, split, augment=False), args.knn_images, args.seed,
@@ -1434,9 +1441,9 @@ def benchmark(args, device, autocast):
         peak = matmul_peak(run, B * grid * grid, autocast)
         peak_note = "of its own matrix-product peak on the step's linear-layer shapes, measured now"
     mfu = f"{100 * flops / seconds / peak:4.1f}%" if peak else "  -  "
-    print(f"| blocks   | images/s | ms/step | peak memory MB | GFLOP/image | MFU   |\n"
-          f"|----------|----------|---------|----------------|-------------|-------|\n"
-          f"| {blocks:<8} | {B / seconds:8.1f} | {1000 * seconds:7.1f} | {memory:14.0f} "
+    print(f"| blocks   | images/s | ms/step | peak memory MiB | GFLOP/image | MFU   |\n"
+          f"|----------|----------|---------|-----------------|-------------|-------|\n"
+          f"| {blocks:<8} | {B / seconds:8.1f} | {1000 * seconds:7.1f} | {memory:15.0f} "
           f"| {flops / B / 1e9:11.2f} | {mfu} |")
     print(f"MFU: {peak_note}{f' ({peak / 1e12:.2f} TFLOP/s)' if peak else ''}; the predictor does "
           f"{100 * predictor_flops / flops:.0f}% of the FLOPs; sampling a batch's masks takes "
@@ -1559,7 +1566,7 @@ def first_image_size(data):
     try:
         samples = datasets.ImageFolder(os.path.join(data, "train")).samples
     except (OSError, FileNotFoundError):
-        return 28  # image_folder will say what is wrong with the folder
+        return 28  # make_dataset will say what is wrong with the folder
     for path, _ in samples[:100]:
         try:
             return min(load_rgb(path).size)

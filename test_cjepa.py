@@ -181,9 +181,10 @@ def test_block_and_encoder_match_their_formulas_with_every_parameter_random():
     torch.testing.assert_close(encoder(images), ref, atol=1e-4, rtol=1e-4)
 
 
-def test_fresh_weights_follow_the_official_init():
+def test_fresh_weights_follow_init_weights():
     """Linear and patch-embedding weights: truncated normal with std 0.02; biases 0; LayerNorms
-    1 and 0; the predictor's mask token: std 0.02 too."""
+    1 and 0; the predictor's mask token: std 0.02 too (the official code also scales down each
+    block's output projections: not here)."""
     torch.manual_seed(0)
     encoder = cjepa.VisionTransformer(224, 16, 192, 2, 3)
     predictor = cjepa.Predictor(14, 192, 96, 2, 3)
@@ -313,7 +314,7 @@ def test_predictor_batched_equals_one_block_at_a_time():
                                    atol=1e-5, rtol=1e-5)
 
 
-# --------------------------------------------------------------------- 4-5. losses, EMA
+# ----------------------------------------------------------- 4. targets and the loss, EMA; monitors
 def test_ema_endpoints():
     torch.manual_seed(0)
     online, target = torch.nn.Linear(4, 4), torch.nn.Linear(4, 4)
@@ -453,7 +454,7 @@ def test_knn_monitor_against_brute_force():
     assert cjepa.knn_accuracy((one_hot, y), (one_hot, y)) == 100
 
 
-# --------------------------------------------------------------------- 6. optimisation
+# --------------------------------------------------------------------- 5. one training step
 def test_schedule_endpoints():
     args = tiny_args("--lr", "1e-3", "--start-lr", "1e-4", "--final-lr", "1e-6",
                      "--wd", "0.04", "0.4", "--ema", "0.996", "1.0")
@@ -555,7 +556,7 @@ def test_mixed_precision_step_matches_fp32(precision):
     assert all(torch.isfinite(p).all() for p in run["encoder"].parameters())
 
 
-# --------------------------------------------------------------------- the CUDA path, without a GPU
+# ----------------------------------------------------------- the CUDA path, without a GPU
 # This project has not yet run on a GPU. These tests run the CUDA code path on fake CUDA tensors
 # (shapes, dtypes and devices, no values) and DDP on the meta device with a fake process group.
 # They use torch internals: where a torch release has moved them, the tests skip with the reason.
@@ -606,7 +607,7 @@ def test_cuda_step_on_fake_tensors(precision):
             run["scaler"] = torch.amp.GradScaler("cuda", enabled=precision == "fp16")
             assert (run["opt"].defaults["fused"]
                     and run["scaler"].is_enabled() == (precision == "fp16"))
-            with run["autocast"]:  # steps 2-4 of train_step, to see the tensors
+            with run["autocast"]:  # steps 1-3 of train_step, to see the tensors
                 h = cjepa.target_features(run["target_encoder"], images.to(cuda))
                 z = run["encoder"](images.to(cuda), ctx.to(cuda))
                 p = run["predictor"](z, ctx.to(cuda), tgt.to(cuda))
@@ -696,7 +697,7 @@ def test_ddp_step_on_the_meta_device_with_a_fake_process_group():
     assert run["opt"].state[first]["exp_avg"].device.type == "meta"
 
 
-# --------------------------------------------------------------------- 8. the training loop
+# ----------------------------------------------------------- 6, 8, 9. data, checkpoints, the loop
 def test_short_run_drops_the_loss_and_writes_a_run_folder(tmp_path, capsys, monkeypatch):
     data = write_image_folder(str(tmp_path / "data"), n_per_class=32, splits=("train", "val"))
     out = str(tmp_path / "run")
@@ -1047,7 +1048,7 @@ def test_a_failed_save_keeps_the_previous_checkpoint(tmp_path, capsys, monkeypat
                           "cannot make the run folder")
 
 
-# --------------------------------------------------------------------- 7. DDP
+# --------------------------------------------------------------------- 7. DDP and torchrun
 def free_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

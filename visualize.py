@@ -231,7 +231,8 @@ def read_run(folder):
     """A run folder -> (its settings, its log lines)."""
     log_path, ckpt_path = os.path.join(folder, "log.jsonl"), os.path.join(folder, "checkpoint.pt")
     if not os.path.exists(log_path) or not os.path.exists(ckpt_path):
-        raise CliError(f"--curves {folder}: not a run folder (no log.jsonl and checkpoint.pt)")
+        raise CliError(f"--curves {folder}: not a run folder "
+                       "(it needs log.jsonl and checkpoint.pt)")
     settings = cjepa.read_checkpoint(ckpt_path)["args"]
     with open(log_path) as f:
         log = [json.loads(line) for line in f]
