@@ -267,6 +267,9 @@ def test_block_shapes_draw_scale_and_aspect_independently_over_their_ranges():
     assert 0.147 < scale.min() < 0.152 and 0.198 < scale.max() < 0.203
     assert 0.74 < aspect.min() < 0.77 and 1.47 < aspect.max() < 1.51
     assert abs(torch.corrcoef(torch.stack([scale, aspect]))[0, 1]) < 0.1  # independent draws
+    # no block spans the whole grid: a context block of 85-100% is at most (H - 1) x (W - 1)
+    assert cjepa.block_shape(1.0, 1.0, 7, 7) == (6, 6)
+    assert cjepa.block_shape(0.001, 1.0, 7, 7) == (1, 1)
 
 
 def test_blocks_are_whole_rectangles_at_every_position():
@@ -278,6 +281,16 @@ def test_blocks_are_whole_rectangles_at_every_position():
     ok = torch.rand(200, 6, generator=torch.Generator().manual_seed(1)) < 0.3
     for row, first in zip(ok.tolist(), cjepa.first_true(ok).tolist()):  # against a loop
         assert first == next((i for i, value in enumerate(row) if value), 0)
+
+
+def test_a_try_that_leaves_exactly_min_keep_patches_is_taken():
+    """Two 2 x 2 target blocks on a 4 x 4 grid leave 8, 10 or 12 patches free; with min_keep 10,
+    blocks that overlap by 2 patches are as good as blocks on one spot."""
+    gen = torch.Generator().manual_seed(0)
+    _, tgt = cjepa.sample_masks(200, 4, 4, gen, n_targets=2, target_scale=(0.25, 0.25),
+                                min_keep=10)
+    free = [16 - len(set(tgt[0, b].tolist()) | set(tgt[1, b].tolist())) for b in range(200)]
+    assert min(free) == 10 and max(free) == 12
 
 
 def test_masks_fall_back_when_no_try_fits():
@@ -348,8 +361,9 @@ def test_variance_covariance_against_naive_loops():
 
 
 def test_targets_are_the_normalised_target_blocks():
-    torch.manual_seed(0)
-    enc = cjepa.VisionTransformer(28, 4, 32, 2, 2)
+    # (random parameters: a fresh encoder's own final LayerNorm would leave its output
+    # normalised already)
+    enc = randomised(cjepa.VisionTransformer(28, 4, 32, 2, 2))
     images = torch.randn(2, 3, 28, 28)
     h = cjepa.target_features(enc, images)
     assert not h.requires_grad  # no gradient flows into the target encoder
@@ -1009,6 +1023,18 @@ def test_each_batch_and_rank_draws_its_own_images_crops_and_masks(tmp_path):
     for i, one in enumerate(masks):  # no two batches, of one rank or of two, share their masks
         for other in masks[i + 1:]:
             assert not all(x.shape == y.shape and torch.equal(x, y) for x, y in zip(one, other))
+
+
+def test_each_epoch_draws_its_own_order_of_every_image():
+    args = tiny_args("--batch-size", "4")
+    numbered = torch.utils.data.TensorDataset(torch.arange(32), torch.arange(32))  # image i is i
+    batches = cjepa.EpochBatches(numbered, args, 0, 1)
+    orders = []
+    for epoch in (0, 1):
+        batches.set_epoch(epoch)
+        orders.append(torch.cat([batches[b][0] for b in range(len(batches))]).tolist())
+    assert sorted(orders[0]) == sorted(orders[1]) == list(range(32))  # every image once an epoch
+    assert orders[0] != orders[1]
 
 
 def test_demo_images_flip_about_half_the_time():
