@@ -122,7 +122,7 @@ DEMO = PRETRAIN | dict(
     knn_images=1000,  # the whole demo set would cost half as much time as the training
     workers=0,  # the demo set is in memory: workers would only add start-up time
     out="runs/demo",  # the demo's run folder
-    save_every=0.0,  # an epoch takes about 20 s: a checkpoint after each is enough
+    save_every=0.0,  # an epoch takes about 15 s: a checkpoint after each is enough
 )
 
 # --recipe small: the demo's settings for your own small images (--data DIR). The image size is
@@ -633,7 +633,8 @@ class EpochBatches(torch.utils.data.Dataset):
     in it (which images, their crops and flips, the masks) is drawn from (seed, epoch, rank, b)
     alone, so a batch does not depend on the number of loader workers nor on the step a run
     resumed from. The masks are drawn here, in the loader's workers (as the official code does in
-    its collate function): the training process does no mask work between steps."""
+    its collate function): the training process does no mask work between steps (with
+    --workers 0, as in the demo, it draws them itself)."""
 
     def __init__(self, dataset, args, rank, world):
         self.dataset, self.args, self.rank, self.world = dataset, args, rank, world
@@ -654,7 +655,7 @@ class EpochBatches(torch.utils.data.Dataset):
     def __getitem__(self, b):
         seed = seed_of(self.args.seed, self.epoch, self.rank, b)
         # The crops and flips draw from the global RNG: seed it. (With --workers 0 that is the
-        # training process's; nothing else draws from it once training has started.)
+        # training process's: each batch seeds it anew, so other draws from it do not matter.)
         torch.manual_seed(seed)
         images, labels = torch.utils.data.default_collate(
             [self.dataset[i] for i in self.order[b].tolist()])
@@ -676,7 +677,7 @@ def setup(args):
     """The device, the precision and, under torchrun, the process group.
     Returns (rank, world size, device, autocast context)."""
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-    args.world = world  # saved with the run: a resume on another number of processes is warned of
+    args.world = world  # saved with the run: another number of processes needs --resume
     try:
         device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     except RuntimeError as e:  # torch lists the device types it knows
@@ -898,7 +899,7 @@ def load_encoders(path, arch=None, img_size=224):
             model = make_encoder(cfg)
         try:
             model.load_state_dict(state, assign=True)  # strict: each weight has its place
-        except RuntimeError as e:  # its 2nd line names the first missing, unexpected or misfit key
+        except RuntimeError as e:  # its 2nd line: the missing keys, or else what does not fit
             problem = str(e).splitlines()[1].strip()[:200]
             raise CliError(f"{path}: the {key} weights do not fit --arch {cfg.arch} at "
                            f"--img-size {cfg.img_size}: {problem}") from None
@@ -1096,15 +1097,9 @@ def pretrain(args, rank, world, device, autocast):
     if world > 1:
         wrap_ddp(run, device)
     last_epoch = min(args.epochs, args.stop_after or args.epochs)  # --stop-after: stop early
-    if start >= last_epoch:
-        finished = "the run is finished (--resume with a larger --epochs continues it)"
-        why = finished if start >= args.epochs else f"--stop-after is {args.stop_after}"
-        probe = os.path.join(args.out, "probe.json")
+    if start >= last_epoch:  # a finished run, or --stop-after reached
         if rank == 0:
-            print(f"nothing to train: the checkpoint has {start} of {args.epochs} epochs; {why}")
-        if rank == 0 and start >= args.epochs and os.path.exists(probe):
-            with open(probe) as f:
-                print_probe_table(json.load(f), f"its linear probe ({probe}):")
+            say_nothing_to_train(args, start)
         return run
     if rank == 0 and continued and not args.resume:
         print(f"{args.out} holds this run: continuing it after epoch {start}, step {step}")
@@ -1125,10 +1120,24 @@ def pretrain(args, rank, world, device, autocast):
     return run
 
 
+def say_nothing_to_train(args, start):
+    """A run that has nothing to train says why; a finished one shows its probe table."""
+    if start < args.epochs:
+        print(f"nothing to train: the checkpoint has {start} of {args.epochs} epochs; "
+              f"--stop-after is {args.stop_after}")
+        return
+    print(f"nothing to train: the checkpoint has {start} of {args.epochs} epochs; the run is "
+          "finished (--resume with a larger --epochs continues it)")
+    probe = os.path.join(args.out, "probe.json")
+    if os.path.exists(probe):
+        with open(probe) as f:
+            print_probe_table(json.load(f), f"its linear probe ({probe}):")
+
+
 def checkpoint_to_continue(args):
     """The checkpoint that a run continues: --resume's, else its run folder's own, so that the
     same command continues a stopped run (a requeued job, a torchrun restart); None for a new
-    run. A run never writes over another run's checkpoint."""
+    run. Without --overwrite, a run never writes over another run's checkpoint."""
     own = os.path.join(args.out, "checkpoint.pt")
     if not os.path.exists(own) or args.overwrite:
         return args.resume
@@ -1458,7 +1467,7 @@ def benchmark(args, device, autocast):
 def benchmark_data(args):
     """Images/s of the data pipeline alone (JPEG decode + RandomResizedCrop on --workers
     workers), over up to 20 batches of 32 after the first: how many workers one GPU needs. On
-    --data if it has a train/ folder, else on 256 generated ImageNet-sized JPEGs (8 batches)."""
+    --data if it has a train/ folder, else on 256 generated ImageNet-sized JPEGs (7 timed)."""
     import tempfile
     from PIL import Image
     with tempfile.TemporaryDirectory() as tmp:
@@ -1487,8 +1496,8 @@ def benchmark_data(args):
 # 12. Command line
 # =============================================================================================
 def parse_args(argv=None):
-    """A flag for each recipe setting, with its help and its default in each recipe, then the
-    flags of no recipe. The recipe's defaults are filled in by with_defaults."""
+    """--data and --recipe, a flag for each recipe setting (its help, and its default in each
+    recipe), then the other flags. The recipe's defaults are filled in by with_defaults."""
     p = argparse.ArgumentParser(description="C-JEPA pretraining; with no --data, the built-in "
                                 "demo. A setting's defaults: (demo | --data | --recipe small).")
     p.add_argument("--data", help="an ImageFolder tree: train/<class>/* (and val/<class>/* for "
@@ -1531,8 +1540,8 @@ def show_default(value):
 
 def with_defaults(args):
     """Fill every setting not given from a recipe: --recipe small, else DEMO without --data (and
-    without --benchmark), else PRETRAIN. A recipe's min_keep that cannot fit the patch grid is
-    lowered to the largest that fits, and said once."""
+    without --benchmark), else PRETRAIN (for --benchmark without CUDA, at batch 32). A recipe's
+    min_keep that cannot fit the patch grid is lowered to the largest that fits, and said once."""
     if args.recipe == "small":
         recipe = SMALL
     elif args.benchmark and not torch.cuda.is_available():
