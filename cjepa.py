@@ -1053,9 +1053,9 @@ def train(run, batches, start, last_epoch, progress, args, rank, world, device):
     previous = {signum: signal.signal(signum, on_stop_signal) for signum in STOP_SIGNALS}
     try:
         for epoch in range(start, last_epoch):
-            fresh = dict(step=0, sums=0, pooled=[], seconds=0.0)
-            line = train_epoch(run, batches, epoch, args, rank, world, device,
-                               progress if epoch == start and progress else fresh)
+            if epoch > start or progress is None:  # an epoch that starts at its first step
+                progress = dict(step=0, sums=0, pooled=[], seconds=0.0)
+            line = train_epoch(run, batches, epoch, args, rank, world, device, progress)
             if line is None:  # a stop signal: saved mid-epoch
                 return epoch
             if monitor:
