@@ -697,8 +697,7 @@ def setup(args):
     if args.precision == "fp16" and device.type != "cuda":
         raise CliError("--precision fp16 needs CUDA; on a CPU use fp32, or bf16 where it has AMX")
     if "RANK" in os.environ:  # launched by torchrun; multi-node works the same (env:// rendezvous)
-        # a rank that waits longer than this for a dead peer exits instead of hanging forever
-        timeout = timedelta(minutes=args.dist_timeout)
+        timeout = timedelta(minutes=args.dist_timeout)  # then a rank waiting on a dead peer exits
         # torchrun keeps its store across the restarts of --max-restarts: each attempt takes keys
         # of its own, or it could read the last group's addresses (pytorch/pytorch#135712)
         store, _, _ = next(dist.rendezvous("env://", timeout=timeout))
@@ -869,9 +868,11 @@ def resume(run, path, args):
     run["opt"].load_state_dict(ckpt["opt"])
     if ckpt["scaler"]:  # empty unless the run used fp16
         run["scaler"].load_state_dict(ckpt["scaler"])
-    # (a checkpoint from before the log was kept in it: the lines of log.jsonl beside it)
-    old_log = [line for line in read_log(os.path.dirname(path)) if line["epoch"] <= ckpt["epoch"]]
-    run["log"] = ckpt.get("log", old_log)
+    run["log"] = ckpt.get("log", [])
+    old_log = os.path.join(os.path.dirname(path), "log.jsonl")
+    if "log" not in ckpt and os.path.exists(old_log):  # a checkpoint from before the log was in it
+        with open(old_log) as f:
+            run["log"] = [json.loads(line) for line in f][:ckpt["epoch"]]
     return ckpt["epoch"], ckpt.get("step", 0), ckpt.get("progress")
 
 
@@ -926,8 +927,8 @@ def on_stop_signal(signum, frame):
 
 
 def ignore_stop_signals(worker_id):
-    """A loader worker ignores the stop signals: the training process handles them after its
-    step. (A worker started by spawn would otherwise be killed by one, and crash the run.)"""
+    """A loader worker leaves the stop signals to the training process, which handles them after
+    its step. (A worker started by spawn would otherwise be killed by one, and crash the run.)"""
     for signum in STOP_SIGNALS:
         signal.signal(signum, signal.SIG_IGN)
 
@@ -943,20 +944,19 @@ def collapse_monitors(pooled):
     return x.std(dim=0).mean().item(), erank.item()
 
 
-def train_epoch(run, batches, epoch, args, rank, world, device, progress):
+def train_epoch(run, batches, epoch, args, rank, device, progress):
     """One pass over the data, from the step that a resumed run's progress reached. Saves
     mid-epoch when --save-every says so or a stop signal came (then returns None). Returns
     the epoch's log line."""
     iters = len(batches)
     total, warmup_steps = iters * args.epochs, round(args.warmup * iters)
-    if torch.is_tensor(progress["sums"]):  # a resumed run's, loaded to the CPU
-        progress["sums"] = progress["sums"].to(device)
+    progress["sums"] = torch.as_tensor(progress["sums"], device=device)
     batches.set_epoch(epoch)
     loader = torch.utils.data.DataLoader(batches, batch_size=None,
                                          sampler=range(progress["step"], iters),
                                          num_workers=args.workers, pin_memory=device.type == "cuda",
                                          worker_init_fn=ignore_stop_signals)
-    t0 = time.time()
+    t0 = time.time() - progress["seconds"]
     bar = tqdm(total=iters, initial=progress["step"], desc=f"epoch {epoch + 1}/{args.epochs}",
                disable=rank != 0, leave=False, dynamic_ncols=True)
     with bar:  # closed (and cleared) however the loop ends
@@ -966,29 +966,34 @@ def train_epoch(run, batches, epoch, args, rank, world, device, progress):
             try:
                 terms, target_means = train_step(run, images, ctx_idx, tgt_idx, lr, wd, m, args)
             except FloatingPointError as e:
-                last = os.path.join(args.out, "checkpoint.pt")
-                last = last if os.path.exists(last) else "none yet"
                 raise CliError(f"{e} at epoch {epoch + 1}, step {i + 1}: stopped before any "
-                               f"weight changed; last good checkpoint: {last}. Lower --lr, or "
-                               "try --precision fp32") from None
-            record(progress, terms, target_means)
+                               "weight changed; the last good checkpoint, if any, is "
+                               f"{os.path.join(args.out, 'checkpoint.pt')}. Lower --lr, or try "
+                               "--precision fp32") from None
+            # the epoch's sums, and target features for the monitors (on the device: no sync)
+            progress["step"], progress["names"] = i + 1, list(terms)
+            progress["sums"] = progress["sums"] + torch.stack(list(terms.values()))
+            if sum(len(p) for p in progress["pooled"]) < 2048:
+                progress["pooled"].append(target_means)
             bar.update()
             if i % 10 == 0:
                 bar.set_postfix(loss=f"{terms['loss'].item():.4f}", lr=f"{lr:.1e}")
             # after the same step on every rank: a stop signal, or a timed save (--save-every)
             due = args.save_every > 0 and time.time() - run["last_save"] >= 60 * args.save_every
             signum, save_due = all_ranks_max([STOP["signum"], int(due)], device)
-            if signum or save_due:
-                so_far = progress_to_save(progress, time.time() - t0, world)
+            if signum or save_due:  # (the ranks' mean sums: the same resumed epoch on each)
+                saved = dict(progress, sums=rank_mean(progress["sums"]).cpu(),
+                             pooled=[p.cpu() for p in progress["pooled"]], seconds=time.time() - t0)
                 if rank == 0:
-                    save_checkpoint(run, args, epoch, step=i + 1, progress=so_far)
+                    save_checkpoint(run, args, epoch, step=i + 1, progress=saved)
                 run["last_save"] = time.time()
             if signum:
-                if world > 1:
+                if dist.is_initialized():
                     dist.barrier()  # no rank exits before rank 0 has saved
                 say_stopped(signum, f"at epoch {epoch + 1}, step {i + 1}", args, rank)
                 return None
-    return log_line(progress, epoch, iters, progress["seconds"] + time.time() - t0, args, world)
+    progress["seconds"] = time.time() - t0
+    return log_line(progress, epoch, iters, args)
 
 
 def all_ranks_max(values, device):
@@ -1000,41 +1005,27 @@ def all_ranks_max(values, device):
     return values.tolist()
 
 
-def record(progress, terms, target_means):
-    """Add a step's loss terms to the epoch's sums and keep its target features for the
-    collapse monitors until there are 2048 or more (on the device: no host sync)."""
-    progress["step"] += 1
-    progress["names"] = list(terms)
-    progress["sums"] = progress["sums"] + torch.stack(list(terms.values()))
-    if sum(len(p) for p in progress["pooled"]) < 2048:
-        progress["pooled"].append(target_means)
+def rank_mean(x):
+    """The mean of x over the ranks under DDP (x itself in a single process)."""
+    if dist.is_initialized():
+        x = x.clone()
+        dist.all_reduce(x)
+        x /= dist.get_world_size()
+    return x
 
 
-def progress_to_save(progress, seconds, world):
-    """The epoch's progress for a mid-epoch checkpoint, in host memory: the sums averaged over
-    the ranks (so that a resumed epoch's mean is the same on every rank), rank 0's features."""
-    sums = progress["sums"].clone()
-    if world > 1:
-        dist.all_reduce(sums)
-        sums /= world
-    return dict(progress, sums=sums.cpu(), pooled=[p.cpu() for p in progress["pooled"]],
-                seconds=progress["seconds"] + seconds)
-
-
-def log_line(progress, epoch, iters, seconds, args, world):
+def log_line(progress, epoch, iters, args):
     """The epoch's log line: the loss terms averaged over the steps and the ranks, the schedules
     of its last step, and the collapse monitors of rank 0's target features."""
-    means = progress["sums"] / iters
-    if world > 1:
-        dist.all_reduce(means)
-        means /= world
+    means = rank_mean(progress["sums"] / iters)
     feat_std, erank = collapse_monitors(torch.cat([p.cpu() for p in progress["pooled"]]))
     lr, wd, m = schedules((epoch + 1) * iters - 1, iters * args.epochs,
                           round(args.warmup * iters), args)
     line = dict(epoch=epoch + 1)
     line.update({k: round(v, 6) for k, v in zip(progress["names"], means.tolist())})
     line.update(lr=lr, wd=wd, momentum=m, feat_std=round(feat_std, 4), erank=round(erank, 2))
-    line.update(img_per_s=round(iters * args.batch_size * world / seconds, 1),
+    seconds = progress["seconds"]
+    line.update(img_per_s=round(iters * args.batch_size * args.world / seconds, 1),
                 minutes=round(seconds / 60, 2))
     return line
 
@@ -1045,7 +1036,7 @@ def say_stopped(signum, where, args, rank):
               f"continues it from {os.path.join(args.out, 'checkpoint.pt')}", file=sys.stderr)
 
 
-def train(run, batches, start, last_epoch, progress, args, rank, world, device):
+def train(run, batches, start, last_epoch, progress, args, rank, device):
     """Epochs start + 1 to last_epoch, each one trained, scored by the k-NN monitor, saved and
     logged. Returns the epochs done; STOP['signum'] says if a signal ended the run early."""
     monitor = knn_sets(args) if rank == 0 else None
@@ -1054,8 +1045,8 @@ def train(run, batches, start, last_epoch, progress, args, rank, world, device):
     try:
         for epoch in range(start, last_epoch):
             if epoch > start or progress is None:  # an epoch that starts at its first step
-                progress = dict(step=0, sums=0, pooled=[], seconds=0.0)
-            line = train_epoch(run, batches, epoch, args, rank, world, device, progress)
+                progress = dict(step=0, sums=0.0, pooled=[], seconds=0.0)
+            line = train_epoch(run, batches, epoch, args, rank, device, progress)
             if line is None:  # a stop signal: saved mid-epoch
                 return epoch
             if monitor:
@@ -1101,20 +1092,18 @@ def pretrain(args, rank, world, device, autocast):
         if rank == 0:
             say_nothing_to_train(args, start)
         return run
-    if rank == 0 and continued and not args.resume:
-        print(f"{args.out} holds this run: continuing it after epoch {start}, step {step}")
     if rank == 0:
         make_run_folder(args, new_run=not continued)
         n_params = sum(p.numel() for p in unwrap(run["encoder"]).parameters()) / 1e6
-        at = f" from step {step + 1}" if step else ""
+        if continued and not args.resume:
+            print(f"{args.out} holds this run: continuing it after epoch {start}, step {step}")
         print(f"C-JEPA {args.arch} ({n_params:.1f}M params), {len(train_set)} images, {world} "
               f"process(es) on {device}, {args.precision}, epochs {start + 1}-{last_epoch} of "
-              f"{args.epochs}{at}, run folder {args.out}")
-    epoch = train(run, batches, start, last_epoch, progress, args, rank, world, device)
-    if dist.is_initialized():
-        dist.destroy_process_group()
+              f"{args.epochs}, run folder {args.out}")
+    epoch = train(run, batches, start, last_epoch, progress, args, rank, device)
     if rank == 0 and not STOP["signum"] and epoch > start:
-        plot_curves(args.out)
+        import visualize  # (its figures of a run: the loss and the collapse monitors)
+        visualize.plot_curves(args.out)
         if epoch == args.epochs and args.probe_epochs > 0:
             run_probe(run["target_encoder"], args, device, autocast)
     return run
@@ -1158,38 +1147,6 @@ def make_run_folder(args, new_run):
     for name in ("log.jsonl", "curves.png", "probe.json") if new_run else ():
         if os.path.exists(os.path.join(args.out, name)):
             os.remove(os.path.join(args.out, name))
-
-
-def read_log(folder):
-    """The lines of log.jsonl in a run folder (none if there is no log)."""
-    path = os.path.join(folder, "log.jsonl")
-    if not os.path.exists(path):
-        return []
-    with open(path) as f:
-        return [json.loads(line) for line in f]
-
-
-def plot_curves(out):
-    """curves.png: the losses and the collapse monitors, one point per epoch, from log.jsonl."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    log = read_log(out)
-    panels = {"training loss": ("loss", "ijepa"),
-              "per-feature std of the target features": ("feat_std",),
-              "effective rank of the target features": ("erank",)}
-    if "knn" in log[-1]:
-        panels["k-NN top-1 % of the target features"] = ("knn",)
-    fig, axes = plt.subplots(1, len(panels), figsize=(4.4 * len(panels), 3.6))
-    for ax, (title, keys) in zip(axes, panels.items()):
-        for key in keys:
-            points = [(line["epoch"], line[key]) for line in log if key in line]
-            ax.plot(*zip(*points), marker=".", label=key)
-        ax.set(title=title, xlabel="epoch", yscale="log" if "loss" in keys else "linear")
-    axes[0].legend()
-    fig.tight_layout()
-    fig.savefig(os.path.join(out, "curves.png"), dpi=90)
-    plt.close(fig)
 
 
 # =============================================================================================
@@ -1383,41 +1340,11 @@ def timed_steps(run, images, masks, args, device, desc):
     return seconds / len(masks), memory
 
 
-def matmul_peak(run, tokens, autocast, reps=3):
-    """FLOP/s of this machine's matrix products on the step's own linear-layer shapes (tokens x
-    in @ in x out) in the run's precision, the best of them: a CPU's analogue of a GPU's peak."""
-    shapes = {(m.in_features, m.out_features) for key in ("encoder", "predictor")
-              for m in run[key].modules() if isinstance(m, nn.Linear)}
-    best = 0.0
-    for d_in, d_out in sorted(shapes):
-        a, b = torch.randn(tokens, d_in), torch.randn(d_in, d_out)
-        with autocast:
-            a @ b  # warm-up
-            t0 = time.perf_counter()
-            for _ in range(reps):
-                a @ b
-        best = max(best, 2 * tokens * d_in * d_out * reps / (time.perf_counter() - t0))
-    return best
-
-
-def count_cpu_attention_flops():
-    """torch's FLOP counter has formulas for the CUDA attention kernels but not for the CPU one,
-    which it would count as zero: give the CPU kernel the same formulas."""
-    from torch.utils import flop_counter
-    aten = torch.ops.aten
-    formulas = {aten._scaled_dot_product_flash_attention_for_cpu: flop_counter.sdpa_flop,
-                aten._scaled_dot_product_flash_attention_for_cpu_backward:
-                    flop_counter.sdpa_backward_flop}
-    for op, formula in formulas.items():
-        if op not in flop_counter.flop_registry:  # (a later torch may have its own)
-            flop_counter.register_flop_formula(op, get_raw=True)(formula)
-
-
 def benchmark(args, device, autocast):
     """Training steps on random images with the recipe's masks: images/s, ms/step, peak memory,
-    FLOPs and MFU; then the data pipeline's images/s."""
+    FLOPs and, on a GPU of GPU_PEAKS, MFU; then, with --data, the data pipeline's images/s."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
     from torch.utils.flop_counter import FlopCounterMode
-    count_cpu_attention_flops()
     cuda, grid, B = device.type == "cuda", args.img_size // args.patch_size, args.batch_size
     steps = 20 if cuda else 3
     name = torch.cuda.get_device_name(device) if cuda else f"CPU, {torch.get_num_threads()} threads"
@@ -1432,7 +1359,10 @@ def benchmark(args, device, autocast):
     images = torch.randn(B, 3, args.img_size, args.img_size, device=device)
     torch.manual_seed(args.seed)
     run = build_run(args, device, autocast)
-    with FlopCounterMode(display=False) as counter:  # an eager step (the FLOPs are the same)
+    # The FLOP counter knows the GPU's fused attention kernels but not the CPU's: there, count
+    # the plain attention, which does the same matrix products.
+    plain = sdpa_kernel(SDPBackend.MATH) if not cuda else nullcontext()
+    with FlopCounterMode(display=False) as counter, plain:
         timed_steps(run, images, masks[:1], args, device, "counting FLOPs")
     flops = counter.get_total_flops()
     predictor_flops = sum(counter.get_flop_counts().get("Predictor", {}).values())
@@ -1440,56 +1370,39 @@ def benchmark(args, device, autocast):
         compile_blocks(run)
         compile_seconds, _ = timed_steps(run, images, masks[1:2], args, device, "compiling")
     seconds, memory = timed_steps(run, images, masks[2:], args, device, "timed steps")
-    if cuda:
-        peak = gpu_peak(name, args.precision)
-        peak_note = f"of the {args.precision} SXM peak"
-        if not peak:
-            peak_note = f"no {args.precision} peak known for {name}"
-    else:
+    if not cuda:
         import resource  # the whole process's peak resident memory
         memory = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-        peak = matmul_peak(run, B * grid * grid, autocast)
-        peak_note = "of its own matrix-product peak on the step's linear-layer shapes, measured now"
+    peak = gpu_peak(name, args.precision) if cuda else None
     mfu = f"{100 * flops / seconds / peak:4.1f}%" if peak else "  -  "
     print(f"| blocks   | images/s | ms/step | peak memory MiB | GFLOP/image | MFU   |\n"
           f"|----------|----------|---------|-----------------|-------------|-------|\n"
           f"| {blocks:<8} | {B / seconds:8.1f} | {1000 * seconds:7.1f} | {memory:15.0f} "
           f"| {flops / B / 1e9:11.2f} | {mfu} |")
-    print(f"MFU: {peak_note}{f' ({peak / 1e12:.2f} TFLOP/s)' if peak else ''}; the predictor does "
+    mfu_note = f"of the {args.precision} SXM peak, {peak / 1e12:.0f} TFLOP/s" if peak else (
+        "for the GPUs of GPU_PEAKS only")
+    print(f"MFU: {mfu_note}; the predictor does "
           f"{100 * predictor_flops / flops:.0f}% of the FLOPs; sampling a batch's masks takes "
           f"{mask_ms:.1f} ms")
     if args.compile:
         print(f"the compiling step took {compile_seconds:.0f} s")
-    benchmark_data(args)
+    if args.data:
+        benchmark_data(args)
     return B / seconds
 
 
 def benchmark_data(args):
-    """Images/s of the data pipeline alone (JPEG decode + RandomResizedCrop on --workers
-    workers), over up to 20 batches of 32 after the first: how many workers one GPU needs. On
-    --data if it has a train/ folder, else on 256 generated ImageNet-sized JPEGs (7 timed)."""
-    import tempfile
-    from PIL import Image
-    with tempfile.TemporaryDirectory() as tmp:
-        data_args = copy.copy(args)
-        if args.data is None or not os.path.isdir(os.path.join(args.data, "train")):
-            data_args.data = tmp
-            os.makedirs(os.path.join(tmp, "train", "x"))
-            for i in range(256):
-                pixels = np.random.default_rng(i).integers(0, 256, (375, 500, 3), dtype=np.uint8)
-                path = os.path.join(tmp, "train", "x", f"{i}.jpg")
-                Image.fromarray(pixels).save(path, quality=90)
-        dataset = make_dataset(data_args, "train", augment=True)
-        loader = torch.utils.data.DataLoader(dataset, 32, shuffle=True, num_workers=args.workers,
-                                             drop_last=True)
-        batches = iter(loader)
-        next(batches)  # worker start-up is not counted
-        n, t0 = 0, time.perf_counter()
-        for _, (images, _) in zip(range(20), batches):
-            n += len(images)
-        source = "generated JPEGs" if data_args.data == tmp else args.data
-        print(f"data pipeline ({source}, {args.img_size} px, {args.workers} workers): "
-              f"{n / (time.perf_counter() - t0):.0f} images/s over {n} images")
+    """Images/s of the data pipeline alone (decoding and RandomResizedCrop on --workers workers)
+    over up to 20 batches of 32 after the first: how many workers one GPU needs."""
+    loader = torch.utils.data.DataLoader(make_dataset(args, "train", augment=True), 32,
+                                         shuffle=True, num_workers=args.workers)
+    batches = iter(loader)
+    next(batches, None)  # worker start-up is not counted
+    n, t0 = 0, time.perf_counter()
+    for _, (images, _) in zip(range(20), batches):
+        n += len(images)
+    print(f"data pipeline ({args.data}, {args.img_size} px, {args.workers} workers): "
+          f"{n / (time.perf_counter() - t0):.0f} images/s over {n} images")
 
 
 # =============================================================================================

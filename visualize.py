@@ -226,6 +226,29 @@ def columns(target, context, cfg, args):
              other)] + ours
 
 
+# ---- curves.png: one run's curves, which cjepa.py draws at the end of a run --------------------
+def plot_curves(out):
+    """OUT/curves.png: the losses and the collapse monitors (and the k-NN monitor, when the run
+    has it), one point per epoch, from OUT/log.jsonl."""
+    with open(os.path.join(out, "log.jsonl")) as f:
+        log = [json.loads(line) for line in f]
+    panels = {"training loss": ("loss", "ijepa"),
+              "per-feature std of the target features": ("feat_std",),
+              "effective rank of the target features": ("erank",)}
+    if "knn" in log[-1]:
+        panels["k-NN top-1 % of the target features"] = ("knn",)
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.4 * len(panels), 3.6))
+    for ax, (title, keys) in zip(axes, panels.items()):
+        for key in keys:
+            points = [(line["epoch"], line[key]) for line in log if key in line]
+            ax.plot(*zip(*points), marker=".", label=key)
+        ax.set(title=title, xlabel="epoch", yscale="log" if "loss" in keys else "linear")
+    axes[0].legend()
+    fig.tight_layout()
+    fig.savefig(os.path.join(out, "curves.png"), dpi=90)
+    plt.close(fig)
+
+
 # ---- --curves: the paper's Figure 1 from runs' log.jsonl -----------------------------------------
 def read_run(folder):
     """A run folder -> (its settings, its log lines)."""
