@@ -629,12 +629,9 @@ def random_part(dataset, n, *keys):
 
 
 class EpochBatches(torch.utils.data.Dataset):
-    """Item b is batch b of an epoch on this rank: its images, labels and masks. Everything random
-    in it (which images, their crops and flips, the masks) is drawn from (seed, epoch, rank, b)
-    alone, so a batch does not depend on the number of loader workers nor on the step a run
-    resumed from. The masks are drawn here, in the loader's workers (as the official code does in
-    its collate function): the training process does no mask work between steps (with
-    --workers 0, as in the demo, it draws them itself)."""
+    """Item b is batch b of an epoch on this rank: its images, labels and masks, all drawn from
+    (seed, epoch, rank, b) alone, whatever the loader workers or the step a run resumed from.
+    The loader's workers draw the masks, as the official code's collate function does."""
 
     def __init__(self, dataset, args, rank, world):
         self.dataset, self.args, self.rank, self.world = dataset, args, rank, world
@@ -760,9 +757,7 @@ def gather_batch(x):
 
 
 def wrap_ddp(run, device):
-    """DDP for the two trained models; the target encoder gets no gradients and is not wrapped.
-    (DDP broadcasts the buffers, the fixed position tables, before each forward: for ViT-B/16
-    0.2% of the bytes of the gradients' all-reduce.)"""
+    """DDP for the two trained models; the target encoder gets no gradients and is not wrapped."""
     ids = [device.index] if device.type == "cuda" else None
     for key in ("encoder", "predictor"):
         run[key] = nn.parallel.DistributedDataParallel(run[key], device_ids=ids)
@@ -794,9 +789,8 @@ TRAIN_KEYS = ("data", "epochs", "batch_size", "lr", "start_lr", "final_lr", "war
 
 
 def save_checkpoint(run, args, epoch, step=0, progress=None):
-    """Save the run in args.out, then rewrite log.jsonl from the log the checkpoint holds: the
-    two always agree. epoch: the epochs done; step: the batches done of the next one, with
-    progress, that epoch's sums so far (a mid-epoch save)."""
+    """Save the run in args.out, then log.jsonl from the checkpoint's log. epoch: the epochs done;
+    step and progress: the batches done of the next one and its sums so far (mid-epoch)."""
     path = os.path.join(args.out, "checkpoint.pt")
     ckpt = dict(encoder=unwrap(run["encoder"]).state_dict(),
                 predictor=unwrap(run["predictor"]).state_dict(),
@@ -1166,9 +1160,8 @@ def probe_features(encoder, images, n_blocks):
 
 @torch.no_grad()
 def extract_features(fn, dataset, device, autocast, workers):
-    """fn: images -> features. Run once over a dataset (no augmentation). The features are kept
-    in host memory, not on the GPU beside the training models: ViT-H/14 with 4 probe blocks on
-    ImageNet's 1.28M images makes 26 GB of them."""
+    """fn: images -> features, over a dataset, kept in host memory (not on the GPU beside the
+    training models: ViT-H/14 with 4 probe blocks makes 26 GB of them on ImageNet)."""
     loader = torch.utils.data.DataLoader(dataset, batch_size=256, num_workers=workers)
     feats, labels = [], []
     for images, y in tqdm(loader, desc="probe features", leave=False, dynamic_ncols=True):
@@ -1236,9 +1229,8 @@ def knn_accuracy(train, val, k=20, temperature=0.07):
 
 
 def knn_sets(args):
-    """The fixed images of the per-epoch k-NN monitor: up to --knn-images of train and of val
-    (a random subset, the same every epoch), without augmentation; None without val/ or when
-    off."""
+    """The k-NN monitor's images: a fixed random --knn-images of train and of val, not augmented
+    (None without val/, or with --knn-images 0)."""
     if not args.knn_images or not has_val(args):
         return None
     return [random_part(make_dataset(args, split, augment=False), args.knn_images, args.seed,
@@ -1260,11 +1252,9 @@ def knn_monitor(target_encoder, sets, args, device, autocast):
 
 
 def run_probe(target_encoder, args, device, autocast, probe_only=False):
-    """Linear probe of the frozen target encoder on train -> val, beside the same probe on a
-    randomly initialised encoder of the same shape and on the raw pixels (where they fit in
-    1 GB), so that its number can be judged. Prints a table and writes it as JSON: after
-    pretraining to probe.json and into the checkpoint; with --probe-only to probe_<data>.json
-    beside the checkpoint, so that it never replaces the run's own probe."""
+    """Linear probe of the frozen target encoder, beside the same probe on a random-init encoder
+    and on the raw pixels (where they fit in 1 GB). Writes the table to probe.json and the
+    checkpoint, or with --probe-only to probe_<data>.json (the run's own probe stays)."""
     if not has_val(args):
         if probe_only:  # the probe is the whole job
             raise CliError(f"--data {args.data} has no val/ folder to probe on")
@@ -1340,11 +1330,22 @@ def timed_steps(run, images, masks, args, device, desc):
     return seconds / len(masks), memory
 
 
+def count_flops(run, images, masks, args, device):
+    """The FLOPs of training steps, in all and in the predictor. torch's FLOP counter knows the
+    GPU's fused attention kernels but not the CPU's (it would count them as zero): on a CPU,
+    count the plain attention, which does the same matrix products."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.utils.flop_counter import FlopCounterMode
+    plain = sdpa_kernel(SDPBackend.MATH) if device.type == "cpu" else nullcontext()
+    with FlopCounterMode(display=False) as counter, plain:
+        timed_steps(run, images, masks, args, device, "counting FLOPs")
+    predictor = sum(counter.get_flop_counts().get("Predictor", {}).values())
+    return counter.get_total_flops(), predictor
+
+
 def benchmark(args, device, autocast):
     """Training steps on random images with the recipe's masks: images/s, ms/step, peak memory,
     FLOPs and, on a GPU of GPU_PEAKS, MFU; then, with --data, the data pipeline's images/s."""
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-    from torch.utils.flop_counter import FlopCounterMode
     cuda, grid, B = device.type == "cuda", args.img_size // args.patch_size, args.batch_size
     steps = 20 if cuda else 3
     name = torch.cuda.get_device_name(device) if cuda else f"CPU, {torch.get_num_threads()} threads"
@@ -1359,13 +1360,7 @@ def benchmark(args, device, autocast):
     images = torch.randn(B, 3, args.img_size, args.img_size, device=device)
     torch.manual_seed(args.seed)
     run = build_run(args, device, autocast)
-    # The FLOP counter knows the GPU's fused attention kernels but not the CPU's: there, count
-    # the plain attention, which does the same matrix products.
-    plain = sdpa_kernel(SDPBackend.MATH) if not cuda else nullcontext()
-    with FlopCounterMode(display=False) as counter, plain:
-        timed_steps(run, images, masks[:1], args, device, "counting FLOPs")
-    flops = counter.get_total_flops()
-    predictor_flops = sum(counter.get_flop_counts().get("Predictor", {}).values())
+    flops, predictor_flops = count_flops(run, images, masks[:1], args, device)  # an eager step
     if args.compile:
         compile_blocks(run)
         compile_seconds, _ = timed_steps(run, images, masks[1:2], args, device, "compiling")
@@ -1487,15 +1482,9 @@ def with_defaults(args):
 def first_image_size(data):
     """The shorter side of the first readable image in data/train, for --recipe small."""
     try:
-        samples = datasets.ImageFolder(os.path.join(data, "train")).samples
-    except (OSError, FileNotFoundError):
-        return 28  # make_dataset will say what is wrong with the folder
-    for path, _ in samples[:100]:
-        try:
-            return min(load_rgb(path).size)
-        except (OSError, ValueError, SyntaxError):  # unreadable: SafeImageFolder skips it too
-            continue
-    return 28
+        return min(SafeImageFolder(os.path.join(data, "train"), loader=load_rgb)[0][0].size)
+    except (OSError, CliError):  # make_dataset will say what is wrong with the folder
+        return 28
 
 
 def target_areas(H, W, target_scale, target_aspect=TARGET_ASPECT):
