@@ -36,7 +36,7 @@ then the machinery that runs it, which a reader of the method can skip:
     6. Data                     ImageFolder, the built-in demo set, and each batch with its masks
     7. Devices, DDP and AMP     and the mixed-precision backward and AdamW step
     8. Checkpoints
-    9. Training loop            epochs, stop signals, the log, collapse monitors, curves.png
+    9. Training loop            epochs, stop signals, the log, collapse monitors
    10. Linear probe             frozen target encoder + BatchNorm + Linear; the k-NN monitor
    11. Benchmark
    12. Command line

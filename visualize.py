@@ -10,6 +10,7 @@ gets 1/N of the attention, as if every patch were attended alike; 2 means twice 
 With --compare OTHER_CKPT, another run's target encoder comes first (the C-JEPA paper's Figures 3-5:
 image | I-JEPA target encoder | C-JEPA target encoder | C-JEPA context encoder). With --curves
 RUN ..., it plots runs' per-epoch k-NN accuracy and effective rank instead (the paper's Figure 1).
+cjepa.py calls its plot_curves at the end of a run, for the run folder's curves.png.
 
 Usage:
     # 4 demo-set images and a photograph
