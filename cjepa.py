@@ -1095,6 +1095,8 @@ def pretrain(args, rank, world, device, autocast):
               f"process(es) on {device}, {args.precision}, epochs {start + 1}-{last_epoch} of "
               f"{args.epochs}, run folder {args.out}")
     epoch = train(run, batches, start, last_epoch, progress, args, rank, device)
+    if dist.is_initialized():  # the probe runs on rank 0 alone: the other ranks may exit
+        dist.destroy_process_group()
     if rank == 0 and not STOP["signum"] and epoch > start:
         import visualize  # (its figures of a run: the loss and the collapse monitors)
         visualize.plot_curves(args.out)
