@@ -940,8 +940,8 @@ def collapse_monitors(pooled):
 
 def train_epoch(run, batches, epoch, args, rank, device, progress):
     """One pass over the data, from the step that a resumed run's progress reached. Saves
-    mid-epoch when --save-every says so or a stop signal came (then returns None). Returns
-    the epoch's log line."""
+    mid-epoch when --save-every says so, and when a stop signal came: then it returns None.
+    Else it returns the epoch's log line."""
     iters = len(batches)
     total, warmup_steps = iters * args.epochs, round(args.warmup * iters)
     progress["sums"] = torch.as_tensor(progress["sums"], device=device)
@@ -964,7 +964,8 @@ def train_epoch(run, batches, epoch, args, rank, device, progress):
                                "weight changed; the last good checkpoint, if any, is "
                                f"{os.path.join(args.out, 'checkpoint.pt')}. Lower --lr, or try "
                                "--precision fp32") from None
-            # the epoch's sums, and target features for the monitors (on the device: no sync)
+            # the epoch's sums, and target features for the monitors: kept on the device, so
+            # that they cost no host sync
             progress["step"], progress["names"] = i + 1, list(terms)
             progress["sums"] = progress["sums"] + torch.stack(list(terms.values()))
             if sum(len(p) for p in progress["pooled"]) < 2048:
@@ -1010,7 +1011,8 @@ def rank_mean(x):
 
 def log_line(progress, epoch, iters, args):
     """The epoch's log line: the loss terms averaged over the steps and the ranks, the schedules
-    of its last step, and the collapse monitors of rank 0's target features."""
+    of its last step, and the collapse monitors of rank 0's target features (of the epoch's first
+    2048 or more images)."""
     means = rank_mean(progress["sums"] / iters)
     feat_std, erank = collapse_monitors(torch.cat([p.cpu() for p in progress["pooled"]]))
     lr, wd, m = schedules((epoch + 1) * iters - 1, iters * args.epochs,
@@ -1098,7 +1100,7 @@ def pretrain(args, rank, world, device, autocast):
     if dist.is_initialized():  # the probe runs on rank 0 alone: the other ranks may exit
         dist.destroy_process_group()
     if rank == 0 and not STOP["signum"] and epoch > start:
-        import visualize  # (its figures of a run: the loss and the collapse monitors)
+        import visualize  # curves.png: the loss, the collapse monitors and the k-NN monitor
         visualize.plot_curves(args.out)
         if epoch == args.epochs and args.probe_epochs > 0:
             run_probe(run["target_encoder"], args, device, autocast)
@@ -1357,16 +1359,17 @@ def benchmark(args, device, autocast):
           f"FLOPs{', one to compile' if args.compile else ''}, then {steps} timed", flush=True)
     gen = torch.Generator().manual_seed(args.seed)
     t0 = time.perf_counter()
-    masks = [sample_masks(B, grid, grid, gen, **mask_config(args)) for _ in range(steps + 2)]
+    masks = [sample_masks(B, grid, grid, gen, **mask_config(args)) for _ in range(10)]
     mask_ms = 1000 * (time.perf_counter() - t0) / len(masks)  # a loader worker's, per batch
-    images = torch.randn(B, 3, args.img_size, args.img_size, device=device)
+    # Every step trains on the same images and masks: the FLOPs counted are the FLOPs timed.
+    images, masks = torch.randn(B, 3, args.img_size, args.img_size, device=device), masks[:1]
     torch.manual_seed(args.seed)
     run = build_run(args, device, autocast)
-    flops, predictor_flops = count_flops(run, images, masks[:1], args, device)  # an eager step
+    flops, predictor_flops = count_flops(run, images, masks, args, device)  # an eager step
     if args.compile:
         compile_blocks(run)
-        compile_seconds, _ = timed_steps(run, images, masks[1:2], args, device, "compiling")
-    seconds, memory = timed_steps(run, images, masks[2:], args, device, "timed steps")
+        compile_seconds, _ = timed_steps(run, images, masks, args, device, "compiling")
+    seconds, memory = timed_steps(run, images, masks * steps, args, device, "timed steps")
     if not cuda:
         import resource  # the whole process's peak resident memory
         memory = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
@@ -1377,7 +1380,7 @@ def benchmark(args, device, autocast):
           f"| {blocks:<8} | {B / seconds:8.1f} | {1000 * seconds:7.1f} | {memory:15.0f} "
           f"| {flops / B / 1e9:11.2f} | {mfu} |")
     mfu_note = f"of the {args.precision} SXM peak, {peak / 1e12:.0f} TFLOP/s" if peak else (
-        "for the GPUs of GPU_PEAKS only")
+        "none: it needs bf16 or fp16 on a GPU of GPU_PEAKS")
     print(f"MFU: {mfu_note}; the predictor does "
           f"{100 * predictor_flops / flops:.0f}% of the FLOPs; sampling a batch's masks takes "
           f"{mask_ms:.1f} ms")

@@ -229,8 +229,8 @@ def columns(target, context, cfg, args):
 
 # ---- curves.png: one run's curves, which cjepa.py draws at the end of a run --------------------
 def plot_curves(out):
-    """OUT/curves.png: the losses and the collapse monitors (and the k-NN monitor, when the run
-    has it), one point per epoch, from OUT/log.jsonl."""
+    """OUT/curves.png: the loss and its I-JEPA term, the collapse monitors and (when the last
+    epoch has it) the k-NN monitor, one point per epoch, from OUT/log.jsonl."""
     with open(os.path.join(out, "log.jsonl")) as f:
         log = [json.loads(line) for line in f]
     panels = {"training loss": ("loss", "ijepa"),
