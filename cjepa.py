@@ -964,8 +964,7 @@ def train_epoch(run, batches, epoch, args, rank, device, progress):
                                "weight changed; the last good checkpoint, if any, is "
                                f"{os.path.join(args.out, 'checkpoint.pt')}. Lower --lr, or try "
                                "--precision fp32") from None
-            # the epoch's sums, and target features for the monitors: kept on the device, so
-            # that they cost no host sync
+            # the epoch's sums and the monitors' target features stay on the device: no sync here
             progress["step"], progress["names"] = i + 1, list(terms)
             progress["sums"] = progress["sums"] + torch.stack(list(terms.values()))
             if sum(len(p) for p in progress["pooled"]) < 2048:
