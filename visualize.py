@@ -1,5 +1,6 @@
 r"""
-visualize.py: where a C-JEPA checkpoint's encoders look, target encoder beside context encoder.
+visualize.py: where a C-JEPA checkpoint's encoders look, target encoder beside context encoder;
+and a run's curves.
 
 One row per image: the image, then the last block's attention in the target encoder and in the
 context encoder, as in the C-JEPA paper's figures. The ViT has no class token, so a map shows the
@@ -9,26 +10,17 @@ gets 1/N of the attention, as if every patch were attended alike; 2 means twice 
 
 With --compare OTHER_CKPT, another run's target encoder comes first (the C-JEPA paper's Figures 3-5:
 image | I-JEPA target encoder | C-JEPA target encoder | C-JEPA context encoder). With --curves
-RUN ..., it plots runs' per-epoch k-NN accuracy and effective rank instead (the paper's Figure 1).
-cjepa.py calls its plot_curves at the end of a run, for the run folder's curves.png.
+RUN ..., it plots runs' per-epoch loss, k-NN monitor and effective rank instead (runs that differ
+only in their seed are drawn as their mean and a min-max band).
 
 Usage:
-    # 4 demo-set images and a photograph
-    python visualize.py runs/demo/checkpoint.pt
-
-    # + a sampled mask, one panel per head
-    python visualize.py runs/demo/checkpoint.pt --masks --heads
-
-    # your own images (files or folders)
-    python visualize.py ckpt.pt photos/ cat.jpg --out cat.png
-
-    # an official I-JEPA checkpoint
+    python visualize.py runs/demo/checkpoint.pt                 # 4 demo-set images, a photograph
+    python visualize.py runs/demo/checkpoint.pt --masks --heads  # + a sampled mask, every head
+    python visualize.py ckpt.pt photos/ cat.jpg --out cat.png    # your own images
     python visualize.py IN1K-vit.h.14-300e.pth.tar --arch vit_h14
-
     python visualize.py runs/demo/checkpoint.pt --compare runs/ijepa/checkpoint.pt
-
-    python visualize.py --curves runs/demo_s0 runs/demo_s1 runs/ijepa_s0 runs/ijepa_s1 \
-        --out fig1.png
+    python visualize.py --curves runs/demo                       # a run's curves
+    python visualize.py --curves runs/cjepa_s0 runs/cjepa_s1 runs/ijepa_s0 --out curves.png
 """
 import argparse
 import json
@@ -52,16 +44,13 @@ FASHION = ("T-shirt", "trouser", "pullover", "dress", "coat", "sandal", "shirt",
            "ankle boot")
 
 
-# ---- the checkpoint: ours (with 'args') or the official I-JEPA format ('module.' keys, no 'args')
 def load_encoders(path, arch=None, img_size=224):
-    """-> (target encoder, context encoder, settings: arch, img_size, patch_size, epoch, demo,
-    masks). cjepa.py's loader, plus what the figure needs: whether these are demo-set (grey 28 px)
-    images, and the mask settings."""
+    """cjepa.py's loader, plus what the figure needs: whether these are demo-set (grey 28 px)
+    images, and the mask settings (an official checkpoint: the published ones)."""
     target, context, cfg = cjepa.load_encoders(path, arch, img_size)
-    ours = hasattr(cfg, "data")
-    cfg.demo = ours and cfg.data is None
-    cfg.masks = cjepa.mask_config(cfg if ours
-                                  else argparse.Namespace(**cjepa.PRETRAIN))  # official: published
+    cfg.demo = hasattr(cfg, "data") and cfg.data is None
+    if not hasattr(cfg, "n_targets"):  # an official I-JEPA checkpoint
+        cfg = argparse.Namespace(**(cjepa.PRETRAIN | vars(cfg)))
     return target, context, cfg
 
 
@@ -96,14 +85,7 @@ def image_files(paths):
             files.append(p)
         else:
             raise CliError(f"{p}: no such image or folder")
-    images = []
-    for f in files:
-        try:
-            images.append((os.path.basename(f),
-                           cjepa.load_rgb(f)))  # (16-bit images scaled, not clipped)
-        except (OSError, ValueError, SyntaxError) as e:  # what PIL raises on files it cannot read
-            raise CliError(f"{f}: not a readable image ({e})") from None
-    return images
+    return [(os.path.basename(f), cjepa.load_image(f)) for f in files]
 
 
 def prepare(image, cfg):
@@ -137,10 +119,8 @@ def received_attention(encoder, x, per_head=False, mode="nearest"):
     """x [B, 3, H, W] -> [B, heads or 1, H, W]: the attention each patch receives in the last block,
     averaged over the queries (and the heads), in units of uniform (x N), upsampled from the patch
     grid to the image."""
-    # [B, heads, N queries, N keys]; each query's row sums to 1
-    attn = last_block_attention(encoder, x)
-    # [B, heads, N]: each key's column, averaged over the queries; sums to 1
-    received = attn.mean(dim=2)
+    attn = last_block_attention(encoder, x)  # [B, heads, N queries, N keys]; rows sum to 1
+    received = attn.mean(dim=2)  # [B, heads, N]: each key's column, averaged over the queries
     if not per_head:
         received = received.mean(dim=1, keepdim=True)
     maps = received.unflatten(2, (encoder.grid, encoder.grid)) * received.shape[-1]
@@ -152,11 +132,10 @@ def mask_overlay(cfg, gen):
     colour."""
     grid = cfg.img_size // cfg.patch_size
     try:
-        # a one-line error, not a fallback, where masks can't fit
-        cjepa.check_masks_fit(grid, grid, cfg.masks["target_scale"], cfg.masks["min_keep"])
+        cjepa.check_masks_fit(grid, cfg)  # a one-line error, not a fallback, where masks can't fit
     except CliError as e:
         raise CliError(f"--masks: {e}") from None
-    ctx, tgt = cjepa.sample_masks(1, grid, grid, gen, **cfg.masks)  # [1, Kc], [M, 1, Kt]
+    ctx, tgt = cjepa.sample_masks(1, grid, grid, gen, cfg)  # [1, Kc], [M, 1, Kt]
     rgba = torch.zeros(grid * grid, 4)
     rgba[ctx[0]] = torch.tensor(plt.cm.tab10(0), dtype=torch.float)
     for m, idx in enumerate(tgt[:, 0]):
@@ -186,8 +165,7 @@ def plot(images, encoders, cfg, args):
         if args.masks:
             axes[r, 1].imshow(mask_overlay(cfg, gen),
                               extent=(-0.5, cfg.img_size - 0.5, cfg.img_size - 0.5, -0.5))
-        # one colour scale per row: all encoders alike
-        for ax, m in zip(axes[r, 1 + args.masks:], maps[r]):
+        for ax, m in zip(axes[r, 1 + args.masks:], maps[r]):  # one colour scale per row
             im = ax.imshow(m.numpy(), cmap="inferno", alpha=0.65, vmin=0,
                            vmax=maps[r].max().item())
         axes[r, 0].set_ylabel(name, fontsize=9)
@@ -206,7 +184,7 @@ def plot(images, encoders, cfg, args):
 
 def method(cfg):
     """'C-JEPA' or 'I-JEPA' (beta_vicreg 0, or an official I-JEPA checkpoint)."""
-    return "C-JEPA" if getattr(cfg, "vicreg", 0) else "I-JEPA"
+    return "C-JEPA" if getattr(cfg, "vicreg", 0) and hasattr(cfg, "data") else "I-JEPA"
 
 
 def columns(target, context, cfg, args):
@@ -227,79 +205,49 @@ def columns(target, context, cfg, args):
              other)] + ours
 
 
-# ---- curves.png: one run's curves, which cjepa.py draws at the end of a run --------------------
-def plot_curves(out):
-    """OUT/curves.png: the loss and its I-JEPA term, the collapse monitors and (when the last
-    epoch has it) the k-NN monitor, one point per epoch, from OUT/log.jsonl."""
-    with open(os.path.join(out, "log.jsonl")) as f:
-        log = [json.loads(line) for line in f]
-    panels = {"training loss": ("loss", "ijepa"),
-              "per-feature std of the target features": ("feat_std",),
-              "effective rank of the target features": ("erank",)}
-    if "knn" in log[-1]:
-        panels["k-NN top-1 % of the target features"] = ("knn",)
-    fig, axes = plt.subplots(1, len(panels), figsize=(4.4 * len(panels), 3.6))
-    for ax, (title, keys) in zip(axes, panels.items()):
-        for key in keys:
-            points = [(line["epoch"], line[key]) for line in log if key in line]
-            ax.plot(*zip(*points), marker=".", label=key)
-        ax.set(title=title, xlabel="epoch", yscale="log" if "loss" in keys else "linear")
-    axes[0].legend()
-    fig.tight_layout()
-    fig.savefig(os.path.join(out, "curves.png"), dpi=90)
-    plt.close(fig)
-
-
-# ---- --curves: the paper's Figure 1 from runs' log.jsonl -----------------------------------------
+# ---- --curves: runs' log.jsonl, one point per epoch ----------------------------------------------
 def read_run(folder):
     """A run folder -> (its settings, its log lines)."""
     log_path, ckpt_path = os.path.join(folder, "log.jsonl"), os.path.join(folder, "checkpoint.pt")
     if not os.path.exists(log_path) or not os.path.exists(ckpt_path):
-        raise CliError(f"--curves {folder}: not a run folder "
-                       "(it needs log.jsonl and checkpoint.pt)")
-    settings = cjepa.read_checkpoint(ckpt_path)["args"]
+        raise CliError(f"--curves {folder}: not a run folder (it needs log.jsonl and "
+                       "checkpoint.pt)")
     with open(log_path) as f:
-        log = [json.loads(line) for line in f]
-    if not any("knn" in line for line in log):
-        raise CliError(f"--curves {folder}: its log has no k-NN monitor "
-                       "(a run from before it, or --knn-images 0)")
-    return settings, log
+        return cjepa.read_checkpoint(ckpt_path)["args"], [json.loads(line) for line in f]
 
 
 def run_label(settings, varying):
-    """C-JEPA or I-JEPA, with beta_vicreg and the other settings that differ between the runs (not
-    the seed)."""
+    """C-JEPA or I-JEPA, with beta_vicreg and the other settings that differ between the runs."""
     label = ("I-JEPA (beta_vicreg 0)" if not settings["vicreg"]
              else f"C-JEPA (beta_vicreg {settings['vicreg']})")
-    extra = [f"{k} {settings.get(k)}" for k in varying if k not in ("vicreg", "seed")]
+    extra = [f"{k} {settings[k]}" for k in varying if k != "vicreg"]
     return label + (", " + ", ".join(extra) if extra else "")
 
 
 def plot_runs(folders):
-    """k-NN top-1 and effective rank per epoch; runs that differ only in their seed are one line
-    (the mean) and a band (min to max)."""
+    """The loss, the k-NN monitor and the effective rank per epoch; runs that differ only in their
+    seed (and run folder) are one line, their mean, and a band from min to max."""
     runs = [read_run(folder) for folder in folders]
-    keys = cjepa.ARCH_KEYS + cjepa.TRAIN_KEYS
-    # the settings that differ between the runs (one that some runs do not record is left out)
-    varying = [k for k in keys
-               if all(k in s for s, _ in runs) and len({json.dumps(s[k]) for s, _ in runs}) > 1]
+    varying = [k for k in runs[0][0] if k not in ("seed", "out")
+               and len({json.dumps(settings.get(k)) for settings, _ in runs}) > 1]
     groups = {}
     for settings, log in runs:
         groups.setdefault(run_label(settings, varying), []).append(log)
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4), layout="constrained")
-    for ax, key, title in ((axes[0], "knn", "k-NN top-1 % (target encoder)"),
-                           (axes[1], "erank", "effective rank of the target features")):
+    panels = {"loss": "training loss", "knn": "k-NN top-1 % (target encoder)",
+              "erank": "effective rank of the target features"}
+    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4), layout="constrained")
+    for ax, (key, title) in zip(axes, panels.items()):
         for i, (label, logs) in enumerate(groups.items()):
             epochs = sorted(set.intersection(*({line["epoch"] for line in log if key in line}
                                                for log in logs)))
+            if not epochs:  # e.g. no k-NN monitor (--knn-images 0, or no val/)
+                continue
             values = torch.tensor([[next(line[key] for line in log if line["epoch"] == e)
-                                    for e in epochs]
-                                   for log in logs])  # [runs, epochs]
+                                    for e in epochs] for log in logs])  # [runs, epochs]
             seeds = f" ({len(logs)} seeds)" if len(logs) > 1 else ""
             ax.plot(epochs, values.mean(dim=0), marker=".", color=f"C{i}", label=label + seeds)
-            if len(logs) > 1:
-                ax.fill_between(epochs, values.min(dim=0).values, values.max(dim=0).values,
-                                color=f"C{i}", alpha=0.2)
+            ax.fill_between(epochs, values.min(dim=0).values, values.max(dim=0).values,
+                            color=f"C{i}", alpha=0.2)
         ax.set(title=title, xlabel="epoch")
     axes[0].legend(fontsize=8)
     return fig
@@ -308,7 +256,7 @@ def plot_runs(folders):
 def parse_args(argv=None):
     p = argparse.ArgumentParser(prog="visualize.py",
                                 description="Attention maps of a C-JEPA or I-JEPA checkpoint: "
-                                "the target encoder beside the context encoder.")
+                                "the target encoder beside the context encoder; or runs' curves.")
     p.add_argument("checkpoint", nargs="?",
                    help="our checkpoint.pt, or an official I-JEPA checkpoint (then give --arch)")
     p.add_argument("images", nargs="*",
@@ -317,12 +265,10 @@ def parse_args(argv=None):
                    help="official I-JEPA checkpoints only (ours record their own)")
     p.add_argument("--img-size", type=int, default=224,
                    help="official I-JEPA checkpoints only (default 224)")
-    p.add_argument("--compare", metavar="CKPT",
-                   help="another run's checkpoint (ours, or an official I-JEPA one): "
-                   "its target encoder's maps come first, as in the paper's figures")
-    p.add_argument("--curves", nargs="+", metavar="RUN",
-                   help="instead of maps: plot these run folders' k-NN "
-                   "accuracy and effective rank per epoch (the paper's Figure 1)")
+    p.add_argument("--compare", metavar="CKPT", help="another run's checkpoint: its target "
+                   "encoder's maps come first, as in the paper's figures")
+    p.add_argument("--curves", nargs="+", metavar="RUN", help="instead of maps: plot these run "
+                   "folders' loss, k-NN accuracy and effective rank per epoch")
     p.add_argument("--heads", action="store_true", help="one panel per head instead of their mean")
     p.add_argument("--masks", action="store_true",
                    help="add a column: one sampled context block and target blocks")
@@ -330,7 +276,7 @@ def parse_args(argv=None):
                    help="how the patch grid is upsampled")
     p.add_argument("--seed", type=int, default=0, help="of the sampled masks")
     p.add_argument("--out", help="the PNG to write (default: attention.png next to the checkpoint; "
-                   "with --curves, curves.png here)")
+                   "with --curves, curves.png in the first run folder)")
     args = p.parse_args(argv)
     if (args.checkpoint is None) == (args.curves is None):
         p.error("give a checkpoint, or --curves and run folders")
@@ -341,7 +287,7 @@ def main(argv=None):
     args = parse_args(argv)
     try:
         if args.curves:
-            out = args.out or "curves.png"
+            out = args.out or os.path.join(args.curves[0], "curves.png")
             fig = plot_runs(args.curves)
         else:
             target, context, cfg = load_encoders(args.checkpoint, args.arch, args.img_size)
