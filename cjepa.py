@@ -835,18 +835,21 @@ def pretrain(args, rank, world, device, autocast):
               f"{f' from step {step + 1}' if step else ''}, run folder {args.out}")
     STOP["signum"], run["last_save"] = 0, time.time()
     previous = {signum: signal.signal(signum, on_stop_signal) for signum in STOP_SIGNALS}
-    for epoch in range(start, args.epochs):
-        line = train_epoch(run, batches, epoch, step * (epoch == start), log, args, rank, device)
-        if monitor and args.knn_images and rank == 0:
-            line["knn"] = knn_monitor(run["target_encoder"], monitor, args, device, autocast)
-        log.append(line)
-        if rank == 0:
-            save_checkpoint(run, log, args, epoch + 1)
-            tqdm.write(" ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
-                                for k, v in line.items()))
-        run["last_save"] = time.time()
-    for signum, handler in previous.items():  # from here on, a signal ends the run at once
-        signal.signal(signum, handler)
+    try:
+        for epoch in range(start, args.epochs):
+            line = train_epoch(run, batches, epoch, step * (epoch == start), log, args, rank,
+                               device)
+            if monitor and args.knn_images and rank == 0:
+                line["knn"] = knn_monitor(run["target_encoder"], monitor, args, device, autocast)
+            log.append(line)
+            if rank == 0:
+                save_checkpoint(run, log, args, epoch + 1)
+                tqdm.write(" ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
+                                    for k, v in line.items()))
+            run["last_save"] = time.time()
+    finally:  # from here on (the probe), a signal ends the run at once
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
     if rank == 0 and args.probe_epochs > 0 and has_val(args):
         run_probe(run["target_encoder"], args, device, autocast)
     return run
@@ -960,8 +963,11 @@ def run_probe(target_encoder, args, device, autocast, probe_only=False):
         print(f"| {name:<22} | {results[name]:5.2f}% |", flush=True)
     data_name = "demo" if args.data is None else os.path.basename(os.path.abspath(args.data))
     path = os.path.join(args.out, f"probe_{data_name}.json" if probe_only else "probe.json")
-    with open(path, "w") as f:
-        json.dump(results, f, indent=1)
+    try:
+        with open(path, "w") as f:
+            json.dump(results, f, indent=1)
+    except OSError as e:  # e.g. --probe-only in a read-only folder: the table above is the result
+        print(f"warning: could not save the probe result: {e}", file=sys.stderr)
     return results
 
 
