@@ -183,8 +183,7 @@ class Block(nn.Module):
 
 def init_weights(m):
     """Truncated-normal weights (std 0.02), zero biases, LayerNorms at 1 and 0. (The official code
-    then also divides each block's attn.proj and mlp.fc2 weights by sqrt(2 * the block's number,
-    from 1): this file does not.)"""
+    also divides block i's attn.proj and mlp.fc2 weights by sqrt(2 i): this file does not.)"""
     if isinstance(m, (nn.Linear, nn.Conv2d)):
         nn.init.trunc_normal_(m.weight, std=0.02)
         if m.bias is not None:
@@ -225,7 +224,7 @@ class VisionTransformer(nn.Module):
 
 
 def make_encoder(args):
-    width, depth, heads, _ = ARCHS[args.arch]  # (patch size: args.patch_size)
+    width, depth, heads, _ = ARCHS[args.arch]
     return VisionTransformer(args.img_size, args.patch_size, width, depth, heads)
 
 
@@ -270,11 +269,9 @@ def place_blocks(n, h, w, H, W, gen):
 def random_subset(mask, gen):
     """mask [B, N] bool -> [B, K] indices, K = the smallest count in the batch: a random K of
     each row's patches, in raster order. (The official code keeps the first K, which biases the
-    contexts towards the top of the image. It cuts the target masks the same way, but a batch's
-    target blocks all have one size, so nothing of them is cut, there or here.)"""
+    contexts towards the top of the image; a batch's target blocks have one size: none is cut.)"""
     k = int(mask.sum(dim=1).min())
-    # A random score for every member patch and 2 (above any score) for the others: sorting by
-    # score puts each row's members first, in random order.
+    # Members get a random score, the others 2: sorting puts the members first, in random order
     score = torch.rand(mask.shape, generator=gen)
     score[~mask] = 2.0
     chosen = score.argsort(dim=1)[:, :k]
@@ -547,9 +544,8 @@ def seed_of(*keys):
 
 
 class EpochBatches(torch.utils.data.Dataset):
-    """Item b is batch b of an epoch on this rank: its images, labels and masks, drawn in the
-    loader's workers (as the official code's collate function does) from (seed, epoch, rank, b)
-    alone: whatever the workers, a resumed run draws what an uninterrupted one would."""
+    """Item b is batch b of an epoch on this rank: images, labels and masks, drawn in the loader's
+    workers (as the official collate function does) from (seed, epoch, rank, b) alone."""
 
     def __init__(self, dataset, args, rank, world):
         self.dataset, self.args, self.rank, self.world = dataset, args, rank, world
@@ -568,9 +564,7 @@ class EpochBatches(torch.utils.data.Dataset):
 
     def __getitem__(self, b):
         seed = seed_of(self.args.seed, self.epoch, self.rank, b)
-        # The crops and flips draw from the global RNG: seed it. (With --workers 0 that is the
-        # training process's: each batch seeds it anew, so other draws from it do not matter.)
-        torch.manual_seed(seed)
+        torch.manual_seed(seed)  # for the crops and flips (--workers 0: the training process's)
         images, labels = torch.utils.data.default_collate(
             [self.dataset[i] for i in self.order[b].tolist()])
         grid = self.args.img_size // self.args.patch_size
@@ -607,23 +601,20 @@ def setup(args):
 
 
 def check_finite(loss):
-    """Stop, on every rank at once, where the loss is not finite on some rank. (Under DDP a rank
-    that stopped alone would leave the others waiting in their backward's all-reduce.)"""
+    """Stop every rank where one rank's loss is not finite (one alone would hang the others)."""
     if all_ranks_max([int(not torch.isfinite(loss))], loss.device)[0]:  # (a host sync)
         raise CliError(f"the loss is {loss.item()}: stopped before any weight changed; the last "
                        "save stands. Lower --lr, or try --precision fp32")
 
 
-def all_ranks_max(values, device):
-    """The largest of each value over all ranks (NCCL reduces GPU tensors only)."""
+def all_ranks_max(values, device):  # (on the device: NCCL reduces GPU tensors only)
     values = torch.tensor(values, device=device)
     if dist.is_initialized():
         dist.all_reduce(values, op=dist.ReduceOp.MAX)
     return values.tolist()
 
 
-class GatherBatch(torch.autograd.Function):
-    """[B, D] on each rank -> [world*B, D], the global batch, with gradients to each part."""
+class GatherBatch(torch.autograd.Function):  # [B, D] per rank -> [world*B, D], with gradients
 
     @staticmethod
     def forward(ctx, x):
@@ -649,8 +640,7 @@ def unwrap(model):
 
 
 def compile_blocks(run):
-    """torch.compile each transformer block in place: names and checkpoints stay the same.
-    dynamic=True: the masks' lengths change from batch to batch."""
+    """In place: names and checkpoints stay. dynamic: the masks' lengths change every batch."""
     for key in ("encoder", "predictor", "target_encoder"):
         for module in run[key].modules():
             if isinstance(module, Block):
@@ -658,9 +648,8 @@ def compile_blocks(run):
 
 
 # 8. Checkpoints ===============================================================================
-def save_checkpoint(run, log, args, epoch, step=0):
-    """OUT/checkpoint.pt after `epoch` epochs and `step` batches of the next, then log.jsonl.
-    Atomic: a crash leaves the old checkpoint or the new one, never a broken one."""
+def save_checkpoint(run, log, args, epoch, step=0):  # after `epoch` epochs, `step` batches
+    """Atomic: a crash leaves the old checkpoint or the new one, never a broken one."""
     ckpt = dict(encoder=unwrap(run["encoder"]).state_dict(),
                 predictor=unwrap(run["predictor"]).state_dict(),
                 target_encoder=run["target_encoder"].state_dict(),
@@ -730,8 +719,7 @@ def load_encoders(path, arch=None, img_size=224):
 
 
 # 9. Training loop =============================================================================
-# SIGTERM and SIGUSR1 (a cluster's notice of preemption) ask a run to finish its step, save and
-# exit with 128 + the signal, so that a scheduler can requeue it. Ctrl-C stops at once.
+# SIGTERM and SIGUSR1 (a cluster's notice of preemption): finish the step, save, exit
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 STOP = dict(signum=0)  # the stop signal that came (0: none yet)
 
@@ -745,10 +733,18 @@ def ignore_stop_signals(worker_id):  # loader workers leave them to the training
         signal.signal(signum, signal.SIG_IGN)
 
 
+def stop_run(signum, where, rank):
+    if dist.is_initialized():
+        dist.barrier()  # no rank exits (torchrun would stop the rest) before rank 0 has saved
+    if rank == 0:
+        print(f"cjepa.py: stopped by {signal.Signals(signum).name} {where}; the same command "
+              "continues the run", file=sys.stderr)
+    sys.exit(128 + signum)  # non-zero: the run is not finished
+
+
 def collapse_monitors(pooled):
-    """pooled [n, D] target features -> (mean per-feature std, effective rank). The std alone
-    misses dimensional collapse (features that vary, but along few directions); the rank does
-    not: it is exp of the entropy of the normalised singular values."""
+    """pooled [n, D] -> (mean per-feature std, effective rank: exp of the entropy of the normalised
+    singular values). The std misses dimensional collapse (features that vary along few axes)."""
     x = pooled.float() - pooled.float().mean(dim=0)
     p = torch.linalg.svdvals(x)
     p = p / p.sum()
@@ -757,55 +753,50 @@ def collapse_monitors(pooled):
 
 
 def train_epoch(run, batches, epoch, first_step, log, args, rank, device):
-    """One pass over the data from first_step (a resumed run's). Returns the log line: the loss
-    terms' means over the steps and ranks, and the collapse monitors of rank 0's first 2048 or
-    more images."""
-    iters, world = len(batches), batches.world
+    """One pass over the data, from first_step: the steps, saves and stops. -> its log line."""
+    iters, world, t0 = len(batches), batches.world, time.time()
     batches.set_epoch(epoch)
-    loader = torch.utils.data.DataLoader(batches, batch_size=None, num_workers=args.workers,
-                                         sampler=range(first_step, iters),
-                                         pin_memory=device.type == "cuda",
-                                         worker_init_fn=ignore_stop_signals)
-    bar = tqdm(loader, total=iters, initial=first_step, desc=f"epoch {epoch + 1}/{args.epochs}",
+    batch_iter = iter(torch.utils.data.DataLoader(
+        batches, batch_size=None, sampler=range(first_step, iters), num_workers=args.workers,
+        pin_memory=device.type == "cuda", worker_init_fn=ignore_stop_signals))
+    bar = tqdm(batch_iter, total=iters, initial=first_step, desc=f"epoch {epoch + 1}/{args.epochs}",
                disable=rank != 0, leave=False, dynamic_ncols=True)
-    sums, pooled, t0 = 0.0, [], time.time()
-    for i, batch in enumerate(bar, start=first_step):
-        images, _, ctx_idx, tgt_idx = (x.to(device, non_blocking=True) for x in batch)
-        lr, wd, m = schedules(epoch * iters + i, iters * args.epochs, round(args.warmup * iters),
-                              args)
-        terms, target_means = train_step(run, images, ctx_idx, tgt_idx, lr, wd, m, args)
-        sums = sums + torch.stack(list(terms.values()))  # on the device: no host sync
-        if sum(len(p) for p in pooled) < 2048:
-            pooled.append(target_means)
-        if i % 10 == 0:  # (.item() waits for the device)
-            bar.set_postfix(loss=f"{terms['loss'].item():.4f}", lr=f"{lr:.1e}")
-        # After the same step on every rank: a stop signal, or a timed save (--save-every). (At
-        # an epoch's last step the epoch's end saves, and the next step sees the signal.)
-        due = args.save_every > 0 and time.time() - run["last_save"] >= 60 * args.save_every
-        signum, save_due = all_ranks_max([STOP["signum"], int(due)], device)
-        if (signum or save_due) and i + 1 < iters:
-            if rank == 0:
-                save_checkpoint(run, log, args, epoch, step=i + 1)
-            run["last_save"] = time.time()
-        if signum and i + 1 < iters:
-            if dist.is_initialized():
-                dist.barrier()  # no rank exits (torchrun would stop the rest) before rank 0 saved
-            if rank == 0:
-                print(f"cjepa.py: stopped by {signal.Signals(signum).name} at epoch {epoch + 1}, "
-                      f"step {i + 1}; the same command continues the run", file=sys.stderr)
-            sys.exit(128 + signum)  # non-zero: a scheduler requeues the job
-    bar.close()
-    steps, seconds = iters - first_step, time.time() - t0
-    means = sums / steps / world
+    sums, pooled = 0.0, []
+    try:
+        for i, batch in enumerate(bar, start=first_step):
+            images, _, ctx_idx, tgt_idx = (x.to(device, non_blocking=True) for x in batch)
+            lr, wd, m = schedules(epoch * iters + i, iters * args.epochs,
+                                  round(args.warmup * iters), args)
+            terms, target_means = train_step(run, images, ctx_idx, tgt_idx, lr, wd, m, args)
+            sums = sums + torch.stack(list(terms.values()))  # on the device: no host sync
+            if sum(len(p) for p in pooled) < 2048:  # the collapse monitors' images
+                pooled.append(target_means)
+            if i % 10 == 0:  # (.item() waits for the device)
+                bar.set_postfix(loss=f"{terms['loss'].item():.4f}", lr=f"{lr:.1e}")
+            # After the same step on every rank: a stop signal, or a timed save (--save-every).
+            # (At an epoch's last step the epoch's end saves, and the next step sees the signal.)
+            due = args.save_every > 0 and time.time() - run["last_save"] >= 60 * args.save_every
+            signum, save_due = all_ranks_max([STOP["signum"], int(due)], device)
+            if (signum or save_due) and i + 1 < iters:
+                if rank == 0:
+                    save_checkpoint(run, log, args, epoch, step=i + 1)
+                run["last_save"] = time.time()
+                if signum:
+                    stop_run(signum, f"at epoch {epoch + 1}, step {i + 1}", rank)
+    finally:  # however the loop ends: the workers ignore SIGTERM, so Python's exit can't end them
+        bar.close()
+        if args.workers > 0:
+            batch_iter._shutdown_workers()
+    means = sums / (iters - first_step) / world  # over the steps and (all_reduce) the ranks
     if dist.is_initialized():
         dist.all_reduce(means)
     feat_std, erank = collapse_monitors(torch.cat(pooled).cpu())
     line = dict(epoch=epoch + 1, **{k: round(v, 6) for k, v in zip(terms, means.tolist())})
     if first_step:  # a resumed epoch's line covers the steps after the resume only
         line["resumed_at_step"] = first_step
+    seconds = time.time() - t0
     line.update(lr=lr, wd=wd, momentum=m, feat_std=round(feat_std, 4), erank=round(erank, 2),
-                img_per_s=round(steps * args.batch_size * world / seconds, 1),
-                minutes=round(seconds / 60, 2))
+                img_per_s=round((iters - first_step) * args.batch_size * world / seconds, 1))
     return line
 
 
@@ -831,8 +822,8 @@ def pretrain(args, rank, world, device, autocast):
     if rank == 0:
         os.makedirs(args.out, exist_ok=True)
         print(f"C-JEPA {args.arch}, {len(train_set)} images, {world} process(es) on {device}, "
-              f"{args.precision}, epochs {start + 1}-{args.epochs}"
-              f"{f' from step {step + 1}' if step else ''}, run folder {args.out}")
+              f"{args.precision}, epochs {start + 1}-{args.epochs} from step {step + 1}, "
+              f"run folder {args.out}")
     STOP["signum"], run["last_save"] = 0, time.time()
     previous = {signum: signal.signal(signum, on_stop_signal) for signum in STOP_SIGNALS}
     try:
@@ -855,7 +846,7 @@ def pretrain(args, rank, world, device, autocast):
     return run
 
 
-# 10. Linear probe =============================================================================
+# 10. Linear probe and k-NN monitor ===========================================================
 def probe_features(encoder, images, n_blocks):
     """-> [B, n_blocks * D]: the mean patch token of each of the last n_blocks blocks (after the
     final norm), concatenated. There is no class token to probe."""
@@ -880,9 +871,7 @@ def eval_sets(args, n=None):
 
 
 @torch.no_grad()
-def extract_features(fn, dataset, device, autocast, workers):
-    """fn(images) over a dataset, kept in host memory: ViT-H/14's 4 probe blocks on ImageNet
-    make 26 GB of them."""
+def extract_features(fn, dataset, device, autocast, workers):  # in host memory, not the GPU's
     loader = torch.utils.data.DataLoader(dataset, batch_size=256, num_workers=workers)
     feats, labels = [], []
     for images, y in tqdm(loader, desc="probe features", leave=False, dynamic_ncols=True):
@@ -893,8 +882,7 @@ def extract_features(fn, dataset, device, autocast, workers):
 
 
 def train_linear_head(train, val, epochs, device, seed=0):
-    """BatchNorm (no affine) + Linear on cached features (seconds: the backbone never runs
-    again) -> top-1 (%) on val."""
+    """BatchNorm (no affine) + Linear on cached features, in seconds -> top-1 (%) on val."""
     (x, y), (x_val, y_val) = train, val
     torch.manual_seed(seed)
     n_classes = int(max(y.max(), y_val.max())) + 1
@@ -929,8 +917,7 @@ def knn_accuracy(train, val, k=20, temperature=0.07):
 
 
 def knn_monitor(target_encoder, sets, args, device, autocast):
-    """The per-epoch quality monitor: k-NN top-1 on the target encoder's probe features. Rank 0
-    runs it alone; the others wait for it at the next step's collectives."""
+    """Each epoch's k-NN top-1 (%), on rank 0 alone (the others wait at the next collective)."""
     def features(images):
         return probe_features(target_encoder.eval(), images, args.probe_blocks)
 
@@ -972,14 +959,12 @@ def run_probe(target_encoder, args, device, autocast, probe_only=False):
 
 
 # 11. Benchmark ================================================================================
-# For MFU: the dense bf16 / fp16 tensor-core peaks of the SXM parts of common data-centre GPUs,
-# from NVIDIA's data sheets (H100 PCIe, H100 NVL and H200 NVL have lower peaks: their MFU reads
-# low here).
+# For MFU: dense bf16 / fp16 tensor-core peaks of SXM parts, from NVIDIA's data sheets (H100 PCIe
+# and NVL, H200 NVL have lower peaks: their MFU reads low here).
 GPU_PEAKS = {"H100": 989e12, "H200": 989e12, "B200": 2250e12, "A100": 312e12}
 
 
-def timed_steps(run, images, masks, args, device, desc):
-    """-> seconds per train_step over these masks, peak GPU memory in MiB (0 on a CPU)."""
+def timed_steps(run, images, masks, args, device, desc):  # -> s/step, peak GPU MiB (CPU: 0)
     cuda, seconds, memory = device.type == "cuda", 0.0, 0.0
     for ctx_idx, tgt_idx in tqdm(masks, desc=desc, leave=False, dynamic_ncols=True):
         if cuda:
@@ -996,10 +981,8 @@ def timed_steps(run, images, masks, args, device, desc):
 
 
 def benchmark(args, device, autocast):
-    """Training steps on random images and the recipe's masks: images/s, ms/step, peak memory,
-    GFLOP/image and, on a GPU of GPU_PEAKS in bf16 or fp16, MFU. Each batch of masks runs once
-    to count its FLOPs (a warm-up, and with --compile the compiling), then it is timed: the
-    figures are means over several batches of masks, whose context lengths differ."""
+    """Steps on random images, over several batches of masks (their contexts' lengths differ):
+    each runs once to count its FLOPs (and warm up, or compile), then is timed."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
     from torch.utils.flop_counter import FlopCounterMode
     cuda, grid, B = device.type == "cuda", args.img_size // args.patch_size, args.batch_size
@@ -1038,7 +1021,6 @@ def benchmark(args, device, autocast):
 
 # 12. Command line =============================================================================
 def parse_args(argv=None):
-    """A flag for each setting, with its default in each recipe, then the other flags."""
     p = argparse.ArgumentParser(description="C-JEPA; with no --data, the demo. The settings are "
                                 "at the top of cjepa.py, defaults (demo | --data | --recipe small)")
     p.add_argument("--data", help="an ImageFolder tree: train/<class>/*, val/<class>/*")
@@ -1056,8 +1038,8 @@ def parse_args(argv=None):
     p.add_argument("--precision", choices=("bf16", "fp16", "fp32"), help="default: bf16 on "
                    "CUDA (fp16 without bf16), fp32 on a CPU")
     p.add_argument("--compile", action="store_true", help="torch.compile every transformer block")
-    p.add_argument("--benchmark", action="store_true", help="time training steps (without CUDA: "
-                   "at batch 32)")
+    p.add_argument("--benchmark", action="store_true", help="time training steps: the --data "
+                   "recipe (without CUDA: at batch 32)")
     return p.parse_args(argv)
 
 
@@ -1082,8 +1064,8 @@ def with_defaults(args):
 
 
 def check_masks_fit(grid, cfg):
-    """Every mask keeps min_keep patches where every target block has that many, and the
-    largest leaves that many outside it (the sampler's fallback)."""
+    """Every mask keeps min_keep patches if every target block does, and the largest leaves as
+    many outside it (the sampler's fallback)."""
     aspects = torch.linspace(*cfg.target_aspect, 101).tolist()
     areas = [math.prod(block_shape(s, a, grid, grid)) for s in cfg.target_scale for a in aspects]
     if grid < 2 or min(areas) < cfg.min_keep or grid * grid - max(areas) < cfg.min_keep:
@@ -1125,8 +1107,8 @@ def main(argv=None):
             args.out = os.path.dirname(os.path.abspath(args.probe_only))
             return run_probe(encoder.to(device), args, device, autocast, probe_only=True)
         return pretrain(args, rank, world, device, autocast)
-    except (CliError, FileNotFoundError) as e:  # from a loader worker, a CliError comes with its
-        message = str(e).strip().splitlines()[-1]  # traceback, ending "...CliError: the message"
+    except (CliError, FileNotFoundError) as e:  # (from a loader worker, with its traceback,
+        message = str(e).strip().splitlines()[-1]  # whose last line is "...CliError: message")
         print(f"cjepa.py: error: {message.split('CliError: ')[-1]}", file=sys.stderr)
         sys.exit(2)
     finally:

@@ -891,10 +891,12 @@ def test_the_same_command_continues_from_any_step_to_the_same_weights(tmp_path, 
 
     # 1. SIGTERM during epoch 2, step 2: the step ends, the checkpoint is saved, exit 128 + 15;
     # 2. SIGTERM during the last step of epoch 1: the epoch ends and saves, the next step stops
-    for n, where, saved in ((5, "at epoch 2, step 2", (1, 2)), (3, "at epoch 2, step 1", (1, 1))):
+    # (the first with loader workers, which leave the signal to the training process)
+    for n, where, saved, workers in ((5, "at epoch 2, step 2", (1, 2), "2"),
+                                     (3, "at epoch 2, step 1", (1, 1), "0")):
         stopped = str(tmp_path / f"stopped{n}")
         sigterm_at_call(n, monkeypatch)
-        code, err = run_main([*flags, "--out", stopped], capsys)
+        code, err = run_main([*flags, "--out", stopped, "--workers", workers], capsys)
         monkeypatch.undo()
         assert code == 128 + signal.SIGTERM, err
         assert f"stopped by SIGTERM {where}; the same command continues" in err, err
@@ -1097,6 +1099,24 @@ def test_reductions_over_ranks_take_every_ranks_value(tmp_path):
         assert result == {"max": [1, 1, 0], "stopped": True}, rank
 
 
+def test_torchrun_two_processes_train_and_probe(tmp_path):
+    data = write_image_folder(str(tmp_path / "data"), splits=("train", "val"))
+    out = str(tmp_path / "run")
+    r = torchrun("--data", data, "--out", out, *TINY, "--batch-size", "4", "--epochs", "1",
+                 "--probe-epochs", "5")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "2 process(es)" in r.stdout and "cjepa_target_encoder" in r.stdout
+    log = [json.loads(line) for line in open(os.path.join(out, "log.jsonl"))]
+    assert [line["epoch"] for line in log] == [1]  # only rank 0 writes
+    # the k-NN monitor under DDP (rank 0 alone) gives what one process gives on the same encoder
+    args = tiny_args("--data", data)
+    encoder = cjepa.make_encoder(args)
+    encoder.load_state_dict(load(out)["target_encoder"])
+    single = cjepa.knn_monitor(encoder, cjepa.eval_sets(args, args.knn_images), args,
+                               torch.device("cpu"), nullcontext())
+    assert log[-1]["knn"] == single and 0 < single <= 100
+
+
 def wait_for_a_save(out, at_least, proc, timeout=120):
     """Wait until out/checkpoint.pt is at (epoch, step) >= at_least."""
     path, deadline = os.path.join(out, "checkpoint.pt"), time.time() + timeout
@@ -1136,7 +1156,8 @@ def test_torchrun_stops_restarts_and_runs_on_two_nodes_like_one_uninterrupted_ru
     ckpt = load(stopped)
     assert 1 <= ckpt["epoch"] < 8, "the signal came too late to test a continued run"
     r = torchrun(*flags, "--out", stopped)
-    assert r.returncode == 0 and "from step" in r.stdout, r.stderr[-3000:]
+    resumed = f"epochs {ckpt['epoch'] + 1}-8 from step {ckpt['step'] + 1}"
+    assert r.returncode == 0 and resumed in r.stdout, r.stderr[-3000:]
     assert_same_run(load(whole), load(stopped))
     assert log_epochs(stopped) == list(range(1, 9))
     first = json.loads(open(os.path.join(stopped, "log.jsonl")).readline())
@@ -1154,7 +1175,8 @@ def test_torchrun_stops_restarts_and_runs_on_two_nodes_like_one_uninterrupted_ru
     os.kill(int(workers[1]), signal.SIGKILL)
     out, _ = proc.communicate(timeout=180)
     assert proc.returncode == 0, out[-3000:]
-    assert "epochs 2-8" in out and "connectFullMesh" not in out, out[-3000:]
+    assert out.count("process(es) on cpu") == 2, out[-3000:]  # the start, and the restart
+    assert "connectFullMesh" not in out, out[-3000:]
     assert_same_run(load(whole), load(restarted))
     assert log_epochs(restarted) == list(range(1, 9))
 
@@ -1273,9 +1295,10 @@ def test_an_unreadable_image_stops_the_run_and_is_named(tmp_path, capsys):
     bad = os.path.join(data, "train", "class0", "broken.jpg")
     with open(bad, "wb") as f:
         f.write(b"\xff\xd8\xff\xe0 this is not really a jpeg")
-    code, err = run_main(["--data", data, "--out", str(tmp_path / "run"), *TINY, "--epochs", "1"],
-                         capsys)
-    assert_one_line_error(code, err, bad, "unreadable image")
+    for workers in ("0", "2"):  # in the training process, and in a loader worker
+        code, err = run_main(["--data", data, "--out", str(tmp_path / f"run{workers}"), *TINY,
+                              "--epochs", "1", "--workers", workers], capsys)
+        assert_one_line_error(code, err, bad, "unreadable image")
 
 
 KILL_WHILE_SAVING = """

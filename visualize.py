@@ -1,6 +1,5 @@
 r"""
-visualize.py: where a C-JEPA checkpoint's encoders look, target encoder beside context encoder;
-and a run's curves.
+visualize.py: where a C-JEPA checkpoint's encoders look (target beside context); runs' curves.
 
 One row per image: the image, then the last block's attention in the target encoder and in the
 context encoder, as in the C-JEPA paper's figures. The ViT has no class token, so a map shows the
@@ -56,8 +55,7 @@ def load_encoders(path, arch=None, img_size=224):
 
 # ---- the images ----------------------------------------------------------------------------------
 def demo_images(n=4):
-    """n test images of different classes from the built-in demo set, and matplotlib's sample
-    photograph."""
+    """n test images of different classes from the demo set, and matplotlib's sample photograph."""
     data = cjepa.DemoImages("test", augment=False)
     first = {}  # class -> index of its first image
     for i, y in enumerate(data.y.tolist()):
@@ -71,8 +69,7 @@ def demo_images(n=4):
     return images
 
 
-def image_files(paths):
-    """Files and folders (their .jpg/.jpeg/.png/.bmp files) -> [(name, PIL image)]."""
+def image_files(paths):  # files and folders -> [(name, PIL image)]
     files = []
     for p in paths:
         if os.path.isdir(p):
@@ -89,9 +86,8 @@ def image_files(paths):
 
 
 def prepare(image, cfg):
-    """PIL image -> (what to show [H, W, 3] in 0..1, the model's input [3, H, W]): resized and
-    center-cropped to the model's size; grey with the demo set's statistics for a demo model, else
-    RGB with ImageNet's."""
+    """PIL image -> (what to show [H, W, 3] in 0..1, the model's input [3, H, W]), at the model's
+    size: grey with the demo set's statistics for a demo model, else RGB with ImageNet's."""
     resize = T.Compose([T.Resize(cfg.img_size), T.CenterCrop(cfg.img_size), T.ToTensor()])
     shown = resize(image.convert("L" if cfg.demo else "RGB")).expand(3, -1, -1)
     mean, std = (((cjepa.DEMO_MEAN,) * 3, (cjepa.DEMO_STD,) * 3) if cfg.demo
@@ -128,8 +124,7 @@ def received_attention(encoder, x, per_head=False, mode="nearest"):
 
 
 def mask_overlay(cfg, gen):
-    """One sampled mask as an RGBA [grid, grid, 4]: context patches blue, each target block its own
-    colour."""
+    """One sampled mask, RGBA [grid, grid, 4]: the context blue, each target block its colour."""
     grid = cfg.img_size // cfg.patch_size
     try:
         cjepa.check_masks_fit(grid, cfg)  # a one-line error, not a fallback, where masks can't fit
@@ -182,14 +177,12 @@ def plot(images, encoders, cfg, args):
     return fig
 
 
-def method(cfg):
-    """'C-JEPA' or 'I-JEPA' (beta_vicreg 0, or an official I-JEPA checkpoint)."""
+def method(cfg):  # I-JEPA: beta_vicreg 0, or an official I-JEPA checkpoint
     return "C-JEPA" if getattr(cfg, "vicreg", 0) and hasattr(cfg, "data") else "I-JEPA"
 
 
 def columns(target, context, cfg, args):
-    """The encoders to draw, with their titles: with --compare, the other run's target encoder
-    first."""
+    """The encoders to draw, with their titles: with --compare, the other run's target first."""
     ours = [(f"{method(cfg)} target encoder", target), (f"{method(cfg)} context encoder", context)]
     if not args.compare:
         return ours
@@ -206,8 +199,7 @@ def columns(target, context, cfg, args):
 
 
 # ---- --curves: runs' log.jsonl, one point per epoch ----------------------------------------------
-def read_run(folder):
-    """A run folder -> (its settings, its log lines)."""
+def read_run(folder):  # -> (its settings, its log lines)
     log_path, ckpt_path = os.path.join(folder, "log.jsonl"), os.path.join(folder, "checkpoint.pt")
     if not os.path.exists(log_path) or not os.path.exists(ckpt_path):
         raise CliError(f"--curves {folder}: not a run folder (it needs log.jsonl and "
@@ -257,23 +249,18 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(prog="visualize.py",
                                 description="Attention maps of a C-JEPA or I-JEPA checkpoint: "
                                 "the target encoder beside the context encoder; or runs' curves.")
-    p.add_argument("checkpoint", nargs="?",
-                   help="our checkpoint.pt, or an official I-JEPA checkpoint (then give --arch)")
+    p.add_argument("checkpoint", nargs="?", help="ours, or an official I-JEPA one (with --arch)")
     p.add_argument("images", nargs="*",
                    help="image files or folders (default: 4 demo-set images and a photograph)")
-    p.add_argument("--arch", choices=cjepa.ARCHS,
-                   help="official I-JEPA checkpoints only (ours record their own)")
-    p.add_argument("--img-size", type=int, default=224,
-                   help="official I-JEPA checkpoints only (default 224)")
+    p.add_argument("--arch", choices=cjepa.ARCHS, help="official I-JEPA checkpoints only")
+    p.add_argument("--img-size", type=int, default=224, help="official I-JEPA checkpoints only")
     p.add_argument("--compare", metavar="CKPT", help="another run's checkpoint: its target "
                    "encoder's maps come first, as in the paper's figures")
     p.add_argument("--curves", nargs="+", metavar="RUN", help="instead of maps: plot these run "
                    "folders' loss, k-NN accuracy and effective rank per epoch")
-    p.add_argument("--heads", action="store_true", help="one panel per head instead of their mean")
-    p.add_argument("--masks", action="store_true",
-                   help="add a column: one sampled context block and target blocks")
-    p.add_argument("--interp", choices=("nearest", "bilinear"), default="nearest",
-                   help="how the patch grid is upsampled")
+    p.add_argument("--heads", action="store_true", help="one panel per head, not their mean")
+    p.add_argument("--masks", action="store_true", help="add a column: one sampled mask")
+    p.add_argument("--interp", choices=("nearest", "bilinear"), default="nearest")
     p.add_argument("--seed", type=int, default=0, help="of the sampled masks")
     p.add_argument("--out", help="the PNG to write (default: attention.png next to the checkpoint; "
                    "with --curves, curves.png in the first run folder)")
