@@ -614,6 +614,14 @@ def all_ranks_max(values, device):  # (on the device: NCCL reduces GPU tensors o
     return values.tolist()
 
 
+def rank_mean(x):  # x itself in a single process
+    if dist.is_initialized():
+        x = x.clone()
+        dist.all_reduce(x)
+        x /= dist.get_world_size()
+    return x
+
+
 class GatherBatch(torch.autograd.Function):  # [B, D] per rank -> [world*B, D], with gradients
 
     @staticmethod
@@ -787,9 +795,7 @@ def train_epoch(run, batches, epoch, first_step, log, args, rank, device):
         bar.close()
         if args.workers > 0:
             batch_iter._shutdown_workers()
-    means = sums / (iters - first_step) / world  # over the steps and (all_reduce) the ranks
-    if dist.is_initialized():
-        dist.all_reduce(means)
+    means = rank_mean(sums / (iters - first_step))
     feat_std, erank = collapse_monitors(torch.cat(pooled).cpu())
     line = dict(epoch=epoch + 1, **{k: round(v, 6) for k, v in zip(terms, means.tolist())})
     if first_step:  # a resumed epoch's line covers the steps after the resume only

@@ -295,6 +295,15 @@ def test_block_shapes_draw_scale_and_aspect_independently_over_their_ranges():
     assert cjepa.block_shape(0.001, 1.0, 7, 7) == (1, 1)
 
 
+def test_the_context_block_is_square():
+    """Small targets barely dent it: the context's bounding box is the block, h = w (aspect 1)."""
+    for seed in range(20):
+        ctx, _ = sample_masks(1, 14, 14, torch.Generator().manual_seed(seed), n_targets=1,
+                              target_scale=(0.02, 0.02), context_scale=(0.5, 0.5), min_keep=4)
+        rows, cols = ctx[0] // 14, ctx[0] % 14
+        assert rows.max() - rows.min() == cols.max() - cols.min() == 9  # 10 x 10 of 196 patches
+
+
 def test_a_try_that_leaves_exactly_min_keep_patches_is_taken():
     """Two 2 x 2 target blocks on a 4 x 4 grid leave 8, 10 or 12 patches free; with min_keep 10,
     blocks that overlap by 2 patches are as good as blocks on one spot."""
@@ -1081,7 +1090,8 @@ def ranks_disagree_worker(rank, world, port, out):
     """Each rank its own values: the reductions must take every rank's, not its own."""
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
-    result = {"max": cjepa.all_ranks_max([rank, 1 - rank, 0], torch.device("cpu"))}
+    result = {"max": cjepa.all_ranks_max([rank, 1 - rank, 0], torch.device("cpu")),
+              "mean": cjepa.rank_mean(torch.tensor([2.0 * rank, 1.0])).tolist()}
     try:  # only rank 1's loss is NaN: both ranks must stop
         cjepa.check_finite(torch.tensor(float("nan") if rank == 1 else 1.0))
         result["stopped"] = False
@@ -1096,7 +1106,7 @@ def test_reductions_over_ranks_take_every_ranks_value(tmp_path):
     torch.multiprocessing.spawn(ranks_disagree_worker, args=(2, free_port(), out), nprocs=2)
     for rank in (0, 1):
         result = torch.load(f"{out}.{rank}", weights_only=True)
-        assert result == {"max": [1, 1, 0], "stopped": True}, rank
+        assert result == {"max": [1, 1, 0], "mean": [1.0, 1.0], "stopped": True}, rank
 
 
 def test_torchrun_two_processes_train_and_probe(tmp_path):
