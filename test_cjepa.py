@@ -1142,15 +1142,23 @@ def wait_for_a_save(out, at_least, proc, timeout=120):
 
 
 def test_torchrun_stops_restarts_and_runs_on_two_nodes_like_one_uninterrupted_run(tmp_path):
-    """Three ways a multi-process run goes on, each ending with the weights of one uninterrupted
-    2-process run: SIGTERM to torchrun (every rank stops after the same step), then the same
-    command; a worker killed under torchrun --max-restarts=1, which restarts the group from the
-    last save; and two torchrun launchers of one process each (two nodes) instead of one of two."""
+    """Two torchrun launchers of one process each (two nodes) run uninterrupted; one launcher of
+    2 processes ends with the same weights after SIGTERM to torchrun (every rank stops after the
+    same step) and the same command, and after a worker killed under --max-restarts=1, which
+    restarts the group from the last save."""
     # 48 images: 12 steps an epoch
     data = write_image_folder(str(tmp_path / "data"), n_per_class=24)
-    flags = ["--data", data, *TINY, "--batch-size", "2", "--epochs", "8"]
+    flags = ["--data", data, *TINY, "--batch-size", "2", "--epochs", "5"]
+    # two nodes, the uninterrupted run: two launchers of one process each, a c10d rendezvous
     whole, stopped, restarted = (str(tmp_path / name) for name in ("whole", "stopped", "restarted"))
-    assert torchrun(*flags, "--out", whole).returncode == 0
+    endpoint = f"--rdzv-endpoint=127.0.0.1:{free_port()}"
+    nodes = [subprocess.Popen([*TORCHRUN, "--nnodes=2", "--nproc_per_node=1", "--rdzv-backend=c10d",
+                               endpoint, "--rdzv-id=two_nodes",
+                               os.path.join(HERE, "cjepa.py"), *flags, "--out", whole],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                              env=ONE_THREAD)
+             for _ in range(2)]
+    assert all(node.wait(timeout=180) == 0 for node in nodes), nodes[0].stderr.read()[-3000:]
     whole_log = [json.loads(line) for line in open(os.path.join(whole, "log.jsonl"))]
 
     # 1. SIGTERM: torchrun passes it on to both ranks; rank 0 says where they stopped
@@ -1164,12 +1172,12 @@ def test_torchrun_stops_restarts_and_runs_on_two_nodes_like_one_uninterrupted_ru
     assert proc.returncode != 0
     assert err.count("cjepa.py: stopped by SIGTERM") == 1, err[-3000:]
     ckpt = load(stopped)
-    assert 1 <= ckpt["epoch"] < 8, "the signal came too late to test a continued run"
+    assert 1 <= ckpt["epoch"] < 5, "the signal came too late to test a continued run"
     r = torchrun(*flags, "--out", stopped)
-    resumed = f"epochs {ckpt['epoch'] + 1}-8 from step {ckpt['step'] + 1}"
+    resumed = f"epochs {ckpt['epoch'] + 1}-5 from step {ckpt['step'] + 1}"
     assert r.returncode == 0 and resumed in r.stdout, r.stderr[-3000:]
     assert_same_run(load(whole), load(stopped))
-    assert log_epochs(stopped) == list(range(1, 9))
+    assert log_epochs(stopped) == list(range(1, 6))
     first = json.loads(open(os.path.join(stopped, "log.jsonl")).readline())
     assert first["loss"] == pytest.approx(whole_log[0]["loss"], rel=1e-6)  # the mean over ranks
 
@@ -1188,19 +1196,7 @@ def test_torchrun_stops_restarts_and_runs_on_two_nodes_like_one_uninterrupted_ru
     assert out.count("process(es) on cpu") == 2, out[-3000:]  # the start, and the restart
     assert "connectFullMesh" not in out, out[-3000:]
     assert_same_run(load(whole), load(restarted))
-    assert log_epochs(restarted) == list(range(1, 9))
-
-    # 3. two nodes: two launchers of one process each, a c10d rendezvous on this machine
-    endpoint = f"--rdzv-endpoint=127.0.0.1:{free_port()}"
-    nodes = [subprocess.Popen([*TORCHRUN, "--nnodes=2", "--nproc_per_node=1", "--rdzv-backend=c10d",
-                               endpoint, "--rdzv-id=two_nodes",
-                               os.path.join(HERE, "cjepa.py"), *flags,
-                               "--out", str(tmp_path / "nodes")],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                              env=ONE_THREAD)
-             for _ in range(2)]
-    assert all(node.wait(timeout=180) == 0 for node in nodes), nodes[0].stderr.read()[-3000:]
-    assert_same_run(load(whole), load(str(tmp_path / "nodes")))
+    assert log_epochs(restarted) == list(range(1, 6))
 
 
 # --------------------------------------------------------------------- bad input, crashes
@@ -1372,7 +1368,7 @@ def test_ddp_exits_when_a_rank_dies(tmp_path):
 
 # --------------------------------------------------------------------- demo and benchmark
 def test_short_demo_learns_from_the_shipped_images(tmp_path, capsys, monkeypatch):
-    monkeypatch.setattr(cjepa.DemoImages, "__len__", lambda self: 1500)  # the first 1500 of each
+    monkeypatch.setattr(cjepa.DemoImages, "__len__", lambda self: 1000)  # the first 1000 of each
     out = str(tmp_path / "demo")
     code, err = run_main(["--out", out, "--epochs", "2", "--probe-epochs", "10"], capsys)
     assert code == 0, err
@@ -1396,9 +1392,13 @@ def test_benchmark_prints_its_table(capsys):
     assert "MFU: none: it needs bf16 or fp16 on a GPU" in out and row[5].strip() == "-"
 
 
-def test_compiled_blocks_train_like_eager_ones(capsys):
+def test_compiled_blocks_train_like_eager_ones(monkeypatch):
     """--compile: the same losses and weights as eager over steps whose mask sizes differ (dynamic
-    shapes, no recompilation per batch), and the same checkpoint keys."""
+    shapes, no recompilation per batch), and the same checkpoint keys. (With torch's aot_eager
+    backend: inductor's code generation would take most of a minute on a cold cache.)"""
+    real_compile = torch.nn.Module.compile
+    monkeypatch.setattr(torch.nn.Module, "compile",
+                        lambda self, **kw: real_compile(self, backend="aot_eager", **kw))
     args = tiny_args("--vicreg", "0.01")
     gen, images, runs, losses = torch.Generator().manual_seed(0), torch.randn(8, 3, 28, 28), {}, {}
     masks = [sample_masks(8, 7, 7, gen, min_keep=4, target_scale=s)
