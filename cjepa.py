@@ -97,7 +97,7 @@ DEMO = PRETRAIN | dict(
     knn_images=1000,  # the whole demo set would cost half as much time as the training
     workers=0,  # the demo set is in memory: workers would only add start-up time
     out="runs/demo",  # the demo's run folder
-    save_every=0.0,  # an epoch takes about 15 s: a checkpoint after each is enough
+    save_every=0.0,  # an epoch takes seconds: a checkpoint after each is enough
 )
 
 # --recipe small: the demo's settings for your own small images (--data DIR).
