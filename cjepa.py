@@ -836,8 +836,10 @@ def pretrain(args, rank, world, device, autocast):
         for epoch in range(start, args.epochs):
             line = train_epoch(run, batches, epoch, step * (epoch == start), log, args, rank,
                                device)
-            if monitor and args.knn_images and rank == 0:
-                line["knn"] = knn_monitor(run["target_encoder"], monitor, args, device, autocast)
+            if monitor and args.knn_images and rank == 0:  # (the others wait at a collective)
+                train, val = (extract_features(run["target_encoder"], s, args, device, autocast)
+                              for s in monitor)
+                line["knn"] = round(knn_accuracy(train, val), 2)
             log.append(line)
             if rank == 0:
                 save_checkpoint(run, log, args, epoch + 1)
@@ -877,12 +879,18 @@ def eval_sets(args, n=None):
 
 
 @torch.no_grad()
-def extract_features(fn, dataset, device, autocast, workers):  # in host memory, not the GPU's
-    loader = torch.utils.data.DataLoader(dataset, batch_size=256, num_workers=workers)
+def extract_features(encoder, dataset, args, device, autocast):
+    """-> (features, labels), in host memory, not the GPU's: the encoder's probe features, or
+    with no encoder the raw pixels (one channel of the demo's grey images)."""
+    loader = torch.utils.data.DataLoader(dataset, batch_size=256, num_workers=args.workers)
     feats, labels = [], []
-    for images, y in tqdm(loader, desc="probe features", leave=False, dynamic_ncols=True):
-        with autocast:
-            feats.append(fn(images.to(device, non_blocking=True)).float().cpu())
+    for images, y in tqdm(loader, desc="features", leave=False, dynamic_ncols=True):
+        images = images.to(device, non_blocking=True)
+        if encoder is None:  # the demo's images are grey: one channel
+            feats.append((images[:, :1] if args.data is None else images).flatten(1).cpu())
+        else:
+            with autocast:
+                feats.append(probe_features(encoder.eval(), images, args.probe_blocks).float().cpu())
         labels.append(y)
     return torch.cat(feats), torch.cat(labels)
 
@@ -922,15 +930,6 @@ def knn_accuracy(train, val, k=20, temperature=0.07):
     return 100 * (votes.argmax(dim=1) == y_val).float().mean().item()
 
 
-def knn_monitor(target_encoder, sets, args, device, autocast):
-    """Each epoch's k-NN top-1 (%), on rank 0 alone (the others wait at the next collective)."""
-    def features(images):
-        return probe_features(target_encoder.eval(), images, args.probe_blocks)
-
-    train, val = (extract_features(features, s, device, autocast, args.workers) for s in sets)
-    return round(knn_accuracy(train, val), 2)
-
-
 def run_probe(target_encoder, args, device, autocast, probe_only=False):
     """Linear probe of the frozen target encoder, beside the same probe on a random-init encoder
     and on the raw pixels (where they fit in 1 GB). Writes the table to OUT/probe.json, or with
@@ -939,19 +938,17 @@ def run_probe(target_encoder, args, device, autocast, probe_only=False):
         raise CliError(f"--data {args.data} has no val/ folder to probe on")
     train_set, val_set = eval_sets(args)
     torch.manual_seed(args.seed)
-    random_encoder = make_encoder(args).to(device).eval()
-    n = args.probe_blocks
-    rows = {"cjepa_target_encoder": lambda images: probe_features(target_encoder, images, n),
-            "random_init_encoder": lambda images: probe_features(random_encoder, images, n)}
+    rows = dict(cjepa_target_encoder=target_encoder, random_init_encoder=make_encoder(args))
     channels = 1 if args.data is None else 3  # the demo's images are grey
     if len(train_set) * channels * args.img_size ** 2 * 4 <= 2**30:
-        rows["raw_pixels"] = lambda images: images[:, :channels].flatten(1)
+        rows["raw_pixels"] = None
     print(f"\nlinear probe, top-1 on {len(val_set)} val images ({len(train_set)} train images)"
           f":\n| {'features':<22} | top-1  |\n| {'-' * 22} | ------ |")
     results = {}
-    for name, fn in rows.items():
-        train = extract_features(fn, train_set, device, autocast, args.workers)
-        val = extract_features(fn, val_set, device, autocast, args.workers)
+    for name, encoder in rows.items():
+        encoder = encoder.to(device) if encoder else None
+        train, val = (extract_features(encoder, s, args, device, autocast)
+                      for s in (train_set, val_set))
         results[name] = round(train_linear_head(train, val, args.probe_epochs, device), 2)
         print(f"| {name:<22} | {results[name]:5.2f}% |", flush=True)
     data_name = "demo" if args.data is None else os.path.basename(os.path.abspath(args.data))
@@ -970,25 +967,9 @@ def run_probe(target_encoder, args, device, autocast, probe_only=False):
 GPU_PEAKS = {"H100": 989e12, "H200": 989e12, "B200": 2250e12, "A100": 312e12}
 
 
-def timed_steps(run, images, masks, args, device, desc):  # -> s/step, peak GPU MiB (CPU: 0)
-    cuda, seconds, memory = device.type == "cuda", 0.0, 0.0
-    for ctx_idx, tgt_idx in tqdm(masks, desc=desc, leave=False, dynamic_ncols=True):
-        if cuda:
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
-        t0 = time.perf_counter()
-        train_step(run, images, ctx_idx.to(device), tgt_idx.to(device), args.lr, args.wd[0],
-                   args.ema[0], args)
-        if cuda:
-            torch.cuda.synchronize()
-            memory = max(memory, torch.cuda.max_memory_allocated() / 2**20)
-        seconds += time.perf_counter() - t0
-    return seconds / len(masks), memory
-
-
 def benchmark(args, device, autocast):
     """Steps on random images, over several batches of masks (their contexts' lengths differ):
-    each runs once to count its FLOPs (and warm up, or compile), then is timed."""
+    each batch's first step counts its FLOPs (and warms up, or compiles), the next ones are timed."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
     from torch.utils.flop_counter import FlopCounterMode
     cuda, grid, B = device.type == "cuda", args.img_size // args.patch_size, args.batch_size
@@ -998,18 +979,29 @@ def benchmark(args, device, autocast):
           f"{args.pred_depth}, {args.precision}, {'compiled' if args.compile else 'eager'} "
           f"blocks, {name}: {n_masks} batches of masks, {n_masks * rounds} timed steps")
     gen = torch.Generator().manual_seed(args.seed)
-    masks = [sample_masks(B, grid, grid, gen, args) for _ in range(n_masks)]
     images = torch.randn(B, 3, args.img_size, args.img_size, device=device)
     run = build_run(args, device, autocast)
     if args.compile:
         compile_blocks(run)
-    # torch's FLOP counter knows the GPU's fused attention kernels but not the CPU's (it would
-    # count them as zero): on a CPU, count the plain attention, which does the same products.
-    plain = sdpa_kernel(SDPBackend.MATH) if not cuda else nullcontext()
-    with FlopCounterMode(display=False) as counter, plain:
-        timed_steps(run, images, masks, args, device, "counting FLOPs")
-    flops = counter.get_total_flops() / n_masks  # per step
-    seconds, memory = timed_steps(run, images, masks * rounds, args, device, "timed steps")
+    flops, seconds, memory = 0.0, 0.0, 0.0  # per step; peak GPU MiB
+    for _ in tqdm(range(n_masks), desc="batches of masks", leave=False, dynamic_ncols=True):
+        masks = [x.to(device) for x in sample_masks(B, grid, grid, gen, args)]
+        # torch's FLOP counter knows the GPU's fused attention kernels but not the CPU's (it would
+        # count them as zero): on a CPU, count the plain attention, which does the same products.
+        plain = sdpa_kernel(SDPBackend.MATH) if not cuda else nullcontext()
+        with FlopCounterMode(display=False) as counter, plain:
+            train_step(run, images, *masks, args.lr, args.wd[0], args.ema[0], args)
+        flops += counter.get_total_flops() / n_masks
+        for _ in range(rounds):
+            if cuda:
+                torch.cuda.synchronize()
+                torch.cuda.reset_peak_memory_stats()
+            t0 = time.perf_counter()
+            train_step(run, images, *masks, args.lr, args.wd[0], args.ema[0], args)
+            if cuda:
+                torch.cuda.synchronize()
+                memory = max(memory, torch.cuda.max_memory_allocated() / 2**20)
+            seconds += (time.perf_counter() - t0) / (n_masks * rounds)
     if not cuda:
         import resource  # the whole process's peak resident memory
         memory = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024

@@ -128,10 +128,10 @@ def test_flop_count_counts_cpu_attention_as_the_explicit_products(monkeypatch, c
     assert gflops["ours"] == gflops["explicit"]
     monkeypatch.undo()
     args, cpu = tiny_args(), torch.device("cpu")
-    masks = [sample_masks(8, 7, 7, torch.Generator().manual_seed(0), min_keep=4)]
+    masks = sample_masks(8, 7, 7, torch.Generator().manual_seed(0), min_keep=4)
     with FlopCounterMode(display=False) as fused:  # torch's counter alone
-        cjepa.timed_steps(cjepa.build_run(args, cpu, nullcontext()), torch.randn(8, 3, 28, 28),
-                          masks, args, cpu, "")
+        cjepa.train_step(cjepa.build_run(args, cpu, nullcontext()), torch.randn(8, 3, 28, 28),
+                         *masks, args.lr, args.wd[0], args.ema[0], args)
     assert gflops["ours"] > fused.get_total_flops() / 8 / 1e9  # which missed attention's products
 
 
@@ -706,8 +706,8 @@ def test_probe_features_on_fake_cuda_come_back_to_host_memory():
         with cuda_amp_allowed(), mock.patch.object(torch.utils.data, "DataLoader",
                                                    lambda *a, **k: batches):
             autocast = torch.autocast("cuda", dtype=torch.bfloat16)
-            x, y = cjepa.extract_features(lambda images: cjepa.probe_features(encoder, images, 2),
-                                          subset, torch.device("cuda"), autocast, 0)
+            x, y = cjepa.extract_features(encoder, subset, tiny_args("--probe-blocks", "2"),
+                                          torch.device("cuda"), autocast)
     assert x.shape == (300, 2 * 128) and x.dtype == torch.float32 and x.device.type == "cpu"
     assert y.shape == (300,) and y.device.type == "cpu"
 
@@ -1122,8 +1122,9 @@ def test_torchrun_two_processes_train_and_probe(tmp_path):
     args = tiny_args("--data", data)
     encoder = cjepa.make_encoder(args)
     encoder.load_state_dict(load(out)["target_encoder"])
-    single = cjepa.knn_monitor(encoder, cjepa.eval_sets(args, args.knn_images), args,
-                               torch.device("cpu"), nullcontext())
+    train, val = (cjepa.extract_features(encoder, s, args, torch.device("cpu"), nullcontext())
+                  for s in cjepa.eval_sets(args, args.knn_images))
+    single = round(cjepa.knn_accuracy(train, val), 2)
     assert log[-1]["knn"] == single and 0 < single <= 100
 
 
