@@ -7,7 +7,7 @@ says about them. VICReg's variance and covariance terms keep the features from c
 its invariance term makes the predictions right on average.
 
 The demo, `python cjepa.py`, on 2 CPU cores, no GPU, no download: 6 epochs on 10,000
-Fashion-MNIST images, then a linear probe of the target encoder on 2,000 test images, in 2 to 3
+Fashion-MNIST images, then a linear probe of the target encoder on 2,000 test images, in 2 to 4
 minutes (README.md has the details). Linear probe, top-1, mean of seeds 0, 1, 2:
 
     C-JEPA (this file)                          79.4%
@@ -82,7 +82,7 @@ PRETRAIN = dict(
 DEMO = PRETRAIN | dict(
     arch="vit_demo",  # width 128, depth 4, patch 4: 0.8M parameters
     img_size=28,  # the demo set's images
-    epochs=6,  # 936 steps: 2 to 3 minutes on 2 CPU cores, the probe included
+    epochs=6,  # 936 steps: 2 to 4 minutes on 2 CPU cores, the probe included
     batch_size=64,  # 156 steps an epoch on the 10,000 images
     warmup=0.3,  # epochs: 47 steps, 5% of the run
     wd=(0.04, 0.04),  # held at the published start value
