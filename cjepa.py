@@ -890,7 +890,8 @@ def extract_features(encoder, dataset, args, device, autocast):
             feats.append((images[:, :1] if args.data is None else images).flatten(1).cpu())
         else:
             with autocast:
-                feats.append(probe_features(encoder.eval(), images, args.probe_blocks).float().cpu())
+                x = probe_features(encoder.eval(), images, args.probe_blocks)
+            feats.append(x.float().cpu())
         labels.append(y)
     return torch.cat(feats), torch.cat(labels)
 
@@ -938,7 +939,8 @@ def run_probe(target_encoder, args, device, autocast, probe_only=False):
         raise CliError(f"--data {args.data} has no val/ folder to probe on")
     train_set, val_set = eval_sets(args)
     torch.manual_seed(args.seed)
-    rows = dict(cjepa_target_encoder=target_encoder, random_init_encoder=make_encoder(args))
+    rows = dict(cjepa_target_encoder=target_encoder,
+                random_init_encoder=make_encoder(args).to(device))
     channels = 1 if args.data is None else 3  # the demo's images are grey
     if len(train_set) * channels * args.img_size ** 2 * 4 <= 2**30:
         rows["raw_pixels"] = None
@@ -946,7 +948,6 @@ def run_probe(target_encoder, args, device, autocast, probe_only=False):
           f":\n| {'features':<22} | top-1  |\n| {'-' * 22} | ------ |")
     results = {}
     for name, encoder in rows.items():
-        encoder = encoder.to(device) if encoder else None
         train, val = (extract_features(encoder, s, args, device, autocast)
                       for s in (train_set, val_set))
         results[name] = round(train_linear_head(train, val, args.probe_epochs, device), 2)
@@ -969,7 +970,7 @@ GPU_PEAKS = {"H100": 989e12, "H200": 989e12, "B200": 2250e12, "A100": 312e12}
 
 def benchmark(args, device, autocast):
     """Steps on random images, over several batches of masks (their contexts' lengths differ):
-    each batch's first step counts its FLOPs (and warms up, or compiles), the next ones are timed."""
+    each batch's first step counts its FLOPs (and warms up, or compiles); the next are timed."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
     from torch.utils.flop_counter import FlopCounterMode
     cuda, grid, B = device.type == "cuda", args.img_size // args.patch_size, args.batch_size

@@ -510,6 +510,27 @@ def test_probe_features_are_the_last_n_blocks_mean_tokens():
     torch.testing.assert_close(cjepa.probe_features(encoder, images, 1), outputs[3])
 
 
+def test_probe_rows_are_the_encoder_a_fresh_seeded_one_and_the_pixels(tmp_path, monkeypatch):
+    args = cjepa.with_defaults(cjepa.parse_args(["--probe-epochs", "1", "--out", str(tmp_path)]))
+    seen = []
+
+    def fake_features(encoder, dataset, args, device, autocast):  # random features: fast
+        seen.append(encoder)
+        return torch.randn(len(dataset), 4), torch.randint(0, 10, (len(dataset),))
+
+    monkeypatch.setattr(cjepa, "extract_features", fake_features)
+    torch.manual_seed(1)
+    trained = cjepa.make_encoder(args)
+    results = cjepa.run_probe(trained, args, torch.device("cpu"), nullcontext())
+    assert list(results) == ["cjepa_target_encoder", "random_init_encoder", "raw_pixels"]
+    assert seen[0] is seen[1] is trained and seen[4] is seen[5] is None  # (train, val) each
+    torch.manual_seed(args.seed)
+    fresh = cjepa.make_encoder(args).state_dict()
+    assert seen[2] is seen[3] and seen[2] is not trained
+    assert all(torch.equal(v, fresh[k]) for k, v in seen[2].state_dict().items())
+    assert json.load(open(tmp_path / "probe.json")) == results
+
+
 def test_knn_and_probe_sets_are_fixed_random_subsets_of_each_split(tmp_path):
     data = write_image_folder(str(tmp_path / "data"), n_per_class=20, splits=("train", "val"))
     args = tiny_args("--data", data)
@@ -1097,7 +1118,8 @@ def ranks_disagree_worker(rank, world, port, out):
     """Each rank its own values: the reductions must take every rank's, not its own."""
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
-    result = {"max": cjepa.all_ranks_max([rank, 1 - rank, 0], torch.device("cpu")),
+    # (the last: the same stop signal on every rank, as SIGTERM to a job reaches them all)
+    result = {"max": cjepa.all_ranks_max([rank, 1 - rank, 0, 15], torch.device("cpu")),
               "mean": cjepa.rank_mean(torch.tensor([2.0 * rank, 1.0])).tolist()}
     try:  # only rank 1's loss is NaN: both ranks must stop
         cjepa.check_finite(torch.tensor(float("nan") if rank == 1 else 1.0))
@@ -1113,7 +1135,7 @@ def test_reductions_over_ranks_take_every_ranks_value(tmp_path):
     torch.multiprocessing.spawn(ranks_disagree_worker, args=(2, free_port(), out), nprocs=2)
     for rank in (0, 1):
         result = torch.load(f"{out}.{rank}", weights_only=True)
-        assert result == {"max": [1, 1, 0], "mean": [1.0, 1.0], "stopped": True}, rank
+        assert result == {"max": [1, 1, 0, 15], "mean": [1.0, 1.0], "stopped": True}, rank
 
 
 def test_torchrun_two_processes_train_and_probe(tmp_path):
