@@ -970,7 +970,7 @@ GPU_PEAKS = {"H100": 989e12, "H200": 989e12, "B200": 2250e12, "A100": 312e12}
 
 def benchmark(args, device, autocast):
     """Steps on random images, over several batches of masks (their contexts' lengths differ):
-    each batch's first step counts its FLOPs (and warms up, or compiles); the next are timed."""
+    for each, a warm-up step (or the compile), a step counted for its FLOPs, then timed steps."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
     from torch.utils.flop_counter import FlopCounterMode
     cuda, grid, B = device.type == "cuda", args.img_size // args.patch_size, args.batch_size
@@ -986,19 +986,21 @@ def benchmark(args, device, autocast):
         compile_blocks(run)
     flops, seconds, memory = 0.0, 0.0, 0.0  # per step; peak GPU MiB
     for _ in tqdm(range(n_masks), desc="batches of masks", leave=False, dynamic_ncols=True):
-        masks = [x.to(device) for x in sample_masks(B, grid, grid, gen, args)]
+        ctx_idx, tgt_idx = (x.to(device) for x in sample_masks(B, grid, grid, gen, args))
+        # (the compile, if any, happens here: torch.compile does not compile under a FLOP counter)
+        train_step(run, images, ctx_idx, tgt_idx, args.lr, args.wd[0], args.ema[0], args)
         # torch's FLOP counter knows the GPU's fused attention kernels but not the CPU's (it would
         # count them as zero): on a CPU, count the plain attention, which does the same products.
         plain = sdpa_kernel(SDPBackend.MATH) if not cuda else nullcontext()
         with FlopCounterMode(display=False) as counter, plain:
-            train_step(run, images, *masks, args.lr, args.wd[0], args.ema[0], args)
+            train_step(run, images, ctx_idx, tgt_idx, args.lr, args.wd[0], args.ema[0], args)
         flops += counter.get_total_flops() / n_masks
         for _ in range(rounds):
             if cuda:
                 torch.cuda.synchronize()
                 torch.cuda.reset_peak_memory_stats()
             t0 = time.perf_counter()
-            train_step(run, images, *masks, args.lr, args.wd[0], args.ema[0], args)
+            train_step(run, images, ctx_idx, tgt_idx, args.lr, args.wd[0], args.ema[0], args)
             if cuda:
                 torch.cuda.synchronize()
                 memory = max(memory, torch.cuda.max_memory_allocated() / 2**20)

@@ -137,9 +137,9 @@ def test_flop_count_counts_cpu_attention_as_the_explicit_products(monkeypatch, c
         counts.append(counter.get_total_flops())
     assert gflops["explicit"] == pytest.approx(sum(counts) / 3 / 8 / 1e9, abs=0.006)
     monkeypatch.undo()
-    with FlopCounterMode(display=False) as fused:  # torch's counter alone
+    with FlopCounterMode(display=False) as fused:  # torch's counter alone, on the last masks
         cjepa.train_step(run, torch.randn(8, 3, 28, 28), *masks, 1e-3, 0.04, 0.996, args)
-    assert gflops["ours"] > fused.get_total_flops() / 8 / 1e9  # which missed attention's products
+    assert counts[-1] > fused.get_total_flops()  # which missed attention's products
 
 
 def test_block_with_only_last_equals_the_full_block_sliced():
@@ -469,7 +469,7 @@ def test_collapse_monitors_see_dimensional_collapse():
     assert std_b > std_a and rank_b < 2.5 < 25 < rank_a
 
 
-def test_knn_monitor_against_brute_force():
+def test_knn_accuracy_against_brute_force():
     torch.manual_seed(0)
     x, y = torch.randn(60, 8), torch.randint(0, 3, (60,))
     x_val, y_val = torch.randn(25, 8), torch.randint(0, 3, (25,))
