@@ -107,6 +107,20 @@ SMALL = DEMO | dict(
     out="runs/small",  # its run folder
 )
 
+# What each setting must be; check_args turns any other value into a one-line error.
+LIMITS = [
+    ("> 0", lambda v: v > 0, "img_size patch_size epochs lr pred_width pred_depth"),
+    (">= 0", lambda v: v >= 0, "start_lr final_lr warmup vicreg beta_sim beta_std beta_cov clip "
+                               "probe_epochs knn_images workers save_every"),
+    (">= 1", lambda v: v >= 1, "n_targets min_keep tries probe_blocks"),
+    (">= 0", lambda v: min(v) >= 0, "wd"),
+    ("in [0, 1]", lambda v: min(v) >= 0 and max(v) <= 1, "ema"),
+    ("in [0, 1], the lower first", lambda v: 0 <= v[0] <= v[1] <= 1,
+     "crop_scale target_scale context_scale"),
+    ("> 0, the lower first", lambda v: 0 < v[0] <= v[1], "target_aspect"),
+]
+
+
 # 1. Vision Transformer ========================================================================
 # name: (width, depth, heads, patch). vit_demo is ours: small enough to learn in minutes on a CPU.
 ARCHS = {
@@ -155,7 +169,8 @@ class Attention(nn.Module):
         q, k, v = qkv.permute(2, 0, 3, 1, 4)  # each [B, heads, N, D/heads]
         if only_last is not None:
             q = q[:, :, -only_last:]
-        # softmax(q k^T / sqrt(d)) v in one fused kernel, which never stores the N x N weights
+        # softmax(q k^T / sqrt(d)) v. PyTorch picks the kernel: its flash and memory-efficient
+        # ones never store the N x N weights; its math one (the benchmark's FLOP count) does.
         x = F.scaled_dot_product_attention(q, k, v)  # [B, heads, queries, D/heads]
         x = x.transpose(1, 2).reshape(B, q.shape[2], D)  # the heads side by side again
         return self.proj(x)
@@ -182,8 +197,8 @@ class Block(nn.Module):
 
 
 def init_weights(m):
-    """Truncated-normal weights (std 0.02), zero biases, LayerNorms at 1 and 0. (The official code
-    also divides block i's attn.proj and mlp.fc2 weights by sqrt(2 i): this file does not.)"""
+    """Truncated-normal weights (std 0.02), zero biases, LayerNorms at 1 and 0: the official
+    training's init (its models' rescaling of deeper blocks is undone by its init_model)."""
     if isinstance(m, (nn.Linear, nn.Conv2d)):
         nn.init.trunc_normal_(m.weight, std=0.02)
         if m.bias is not None:
@@ -550,6 +565,8 @@ class EpochBatches(torch.utils.data.Dataset):
     def __init__(self, dataset, args, rank, world):
         self.dataset, self.args, self.rank, self.world = dataset, args, rank, world
         self.per_rank = len(dataset) // (args.batch_size * world)  # whole global batches only
+        if self.per_rank == 0:
+            raise CliError(f"{len(dataset)} images: fewer than one global batch; lower --batch-size")
 
     def __len__(self):
         return self.per_rank
@@ -664,6 +681,7 @@ def save_checkpoint(run, log, args, epoch, step=0):  # after `epoch` epochs, `st
                 opt=run["opt"].state_dict(), scaler=run["scaler"].state_dict(),
                 epoch=epoch, step=step, args=vars(args), log=log)
     path = os.path.join(args.out, "checkpoint.pt")
+    os.makedirs(args.out, exist_ok=True)
     with open(path + ".tmp", "wb") as f:
         torch.save(ckpt, f)
         f.flush()
@@ -741,9 +759,13 @@ def ignore_stop_signals(worker_id):  # loader workers leave them to the training
         signal.signal(signum, signal.SIG_IGN)
 
 
-def stop_run(signum, where, rank):
-    if dist.is_initialized():
-        dist.barrier()  # no rank exits (torchrun would stop the rest) before rank 0 has saved
+def stop_if_signalled(where, rank, device):
+    """After a save: where any rank had a stop signal, every rank exits with 128 + the signal.
+    (The reduction waits for rank 0, so no rank exits, which makes torchrun stop the rest, before
+    rank 0 has saved.)"""
+    signum = all_ranks_max([STOP["signum"]], device)[0]
+    if not signum:
+        return
     if rank == 0:
         print(f"cjepa.py: stopped by {signal.Signals(signum).name} {where}; the same command "
               "continues the run", file=sys.stderr)
@@ -776,21 +798,20 @@ def train_epoch(run, batches, epoch, first_step, log, args, rank, device):
             lr, wd, m = schedules(epoch * iters + i, iters * args.epochs,
                                   round(args.warmup * iters), args)
             terms, target_means = train_step(run, images, ctx_idx, tgt_idx, lr, wd, m, args)
-            sums = sums + torch.stack(list(terms.values()))  # on the device: no host sync
+            sums = sums + torch.stack(list(terms.values()))
             if sum(len(p) for p in pooled) < 2048:  # the collapse monitors' images
                 pooled.append(target_means)
             if i % 10 == 0:  # (.item() waits for the device)
                 bar.set_postfix(loss=f"{terms['loss'].item():.4f}", lr=f"{lr:.1e}")
             # After the same step on every rank: a stop signal, or a timed save (--save-every).
-            # (At an epoch's last step the epoch's end saves, and the next step sees the signal.)
+            # (At an epoch's last step, the epoch's end saves, and stops: see pretrain.)
             due = args.save_every > 0 and time.time() - run["last_save"] >= 60 * args.save_every
             signum, save_due = all_ranks_max([STOP["signum"], int(due)], device)
             if (signum or save_due) and i + 1 < iters:
                 if rank == 0:
                     save_checkpoint(run, log, args, epoch, step=i + 1)
                 run["last_save"] = time.time()
-                if signum:
-                    stop_run(signum, f"at epoch {epoch + 1}, step {i + 1}", rank)
+                stop_if_signalled(f"at epoch {epoch + 1}, step {i + 1}", rank, device)
     finally:  # however the loop ends: the workers ignore SIGTERM, so Python's exit can't end them
         bar.close()
         if args.workers > 0:
@@ -803,14 +824,12 @@ def train_epoch(run, batches, epoch, first_step, log, args, rank, device):
     seconds = time.time() - t0
     line.update(lr=lr, wd=wd, momentum=m, feat_std=round(feat_std, 4), erank=round(erank, 2),
                 img_per_s=round((iters - first_step) * args.batch_size * world / seconds, 1))
-    return line
+    return line, signum  # signum: a stop signal at the last step
 
 
 def pretrain(args, rank, world, device, autocast):
     """A run: its data, its models (or its run folder's checkpoint), the epochs, the probe."""
     train_set = make_dataset(args, "train", augment=True)
-    if len(train_set) < args.batch_size * world:
-        raise CliError(f"{len(train_set)} images: fewer than one global batch; lower --batch-size")
     monitor = eval_sets(args, args.knn_images) if has_val(args) else None  # checks val/ too
     batches = EpochBatches(train_set, args, rank, world)
     run = build_run(args, device, autocast)
@@ -818,15 +837,15 @@ def pretrain(args, rank, world, device, autocast):
         compile_blocks(run)
     ckpt_path = os.path.join(args.out, "checkpoint.pt")
     start, step, log = resume(run, ckpt_path) if os.path.exists(ckpt_path) else (0, 0, [])
-    if start >= args.epochs:
+    probe = args.probe_epochs > 0 and has_val(args)
+    if start >= args.epochs and not (probe and not os.path.exists(f"{args.out}/probe.json")):
         print(f"{args.out} holds a finished run of {start} epochs: a new run takes a new --out")
         return run
     if world > 1:  # the target encoder gets no gradients and is not wrapped
         for key in ("encoder", "predictor"):
             ids = [device.index] if device.type == "cuda" else None
             run[key] = nn.parallel.DistributedDataParallel(run[key], device_ids=ids)
-    if rank == 0:
-        os.makedirs(args.out, exist_ok=True)
+    if rank == 0 and start < args.epochs:  # (else: the probe of a finished run is still due)
         print(f"C-JEPA {args.arch}, {len(train_set)} images, {world} process(es) on {device}, "
               f"{args.precision}, epochs {start + 1}-{args.epochs} from step {step + 1}, "
               f"run folder {args.out}")
@@ -834,9 +853,9 @@ def pretrain(args, rank, world, device, autocast):
     previous = {signum: signal.signal(signum, on_stop_signal) for signum in STOP_SIGNALS}
     try:
         for epoch in range(start, args.epochs):
-            line = train_epoch(run, batches, epoch, step * (epoch == start), log, args, rank,
-                               device)
-            if monitor and args.knn_images and rank == 0:  # (the others wait at a collective)
+            line, signum = train_epoch(run, batches, epoch, step * (epoch == start), log, args,
+                                       rank, device)
+            if monitor and args.knn_images and rank == 0 and not signum:  # others: a collective
                 train, val = (extract_features(run["target_encoder"], s, args, device, autocast)
                               for s in monitor)
                 line["knn"] = round(knn_accuracy(train, val), 2)
@@ -846,10 +865,11 @@ def pretrain(args, rank, world, device, autocast):
                 tqdm.write(" ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
                                     for k, v in line.items()))
             run["last_save"] = time.time()
-    finally:  # from here on (the probe), a signal ends the run at once
+            stop_if_signalled(f"after epoch {epoch + 1}", rank, device)  # at its last step, or since
+    finally:  # from here on (the probe), a signal ends the run at once: the same command probes
         for signum, handler in previous.items():
             signal.signal(signum, handler)
-    if rank == 0 and args.probe_epochs > 0 and has_val(args):
+    if rank == 0 and probe:
         run_probe(run["target_encoder"], args, device, autocast)
     return run
 
@@ -954,9 +974,10 @@ def run_probe(target_encoder, args, device, autocast, probe_only=False):
         print(f"| {name:<22} | {results[name]:5.2f}% |", flush=True)
     data_name = "demo" if args.data is None else os.path.basename(os.path.abspath(args.data))
     path = os.path.join(args.out, f"probe_{data_name}.json" if probe_only else "probe.json")
-    try:
-        with open(path, "w") as f:
+    try:  # atomic: no probe.json means that the probe is still due
+        with open(path + ".tmp", "w") as f:
             json.dump(results, f, indent=1)
+        os.replace(path + ".tmp", path)
     except OSError as e:  # e.g. --probe-only in a read-only folder: the table above is the result
         print(f"warning: could not save the probe result: {e}", file=sys.stderr)
     return results
@@ -1065,10 +1086,18 @@ def with_defaults(args):
 
 
 def check_masks_fit(grid, cfg):
-    """Every mask keeps min_keep patches if every target block does, and the largest leaves as
-    many outside it (the sampler's fallback)."""
-    aspects = torch.linspace(*cfg.target_aspect, 101).tolist()
-    areas = [math.prod(block_shape(s, a, grid, grid)) for s in cfg.target_scale for a in aspects]
+    """Every mask keeps min_keep patches if the smallest target block has min_keep, and the
+    largest leaves as many outside it (the sampler's fallback puts all M blocks on one spot).
+    A block never shrinks as its scale grows: the extremes are at the two ends of target_scale.
+    There, its (h, w) changes only at the aspects where h or w passes a half-integer: the areas
+    at those aspects and at one between each two are all the areas the sampler can draw."""
+    (a0, a1), areas = cfg.target_aspect, []
+    for s in cfg.target_scale:
+        n = s * grid * grid
+        cuts = [(k + 0.5) ** 2 / n for k in range(grid)] + [n / (k + 0.5) ** 2 for k in range(grid)]
+        cuts = sorted([a for a in cuts if a0 < a < a1] + [a0, a1])
+        aspects = cuts + [(a + b) / 2 for a, b in zip(cuts, cuts[1:])]
+        areas += [math.prod(block_shape(s, a, grid, grid)) for a in aspects]
     if grid < 2 or min(areas) < cfg.min_keep or grid * grid - max(areas) < cfg.min_keep:
         raise CliError(f"the masks do not fit a {grid}x{grid} patch grid: target blocks of "
                        f"{min(areas)}-{max(areas)} patches with --min-keep {cfg.min_keep}; lower "
@@ -1076,7 +1105,19 @@ def check_masks_fit(grid, cfg):
 
 
 def check_args(args):
-    heads = ARCHS[args.arch][2]
+    _, depth, heads, _ = ARCHS[args.arch]
+    for words, ok, names in LIMITS:
+        for name in names.split():
+            value = getattr(args, name)
+            if not ok(value):
+                shown = " ".join(map(str, np.atleast_1d(value)))
+                raise CliError(f"--{name.replace('_', '-')} {shown}: must be {words}")
+    if args.warmup > args.epochs:
+        raise CliError(f"--warmup {args.warmup} is longer than the run's {args.epochs} epochs: "
+                       "lower it, or raise --epochs")
+    if args.probe_blocks > depth:
+        raise CliError(f"--probe-blocks {args.probe_blocks}: {args.arch} has {depth} blocks; "
+                       f"give 1 to {depth}")
     if args.data is None and not args.benchmark and args.img_size != 28:
         raise CliError(f"the demo's images are 28 px, not {args.img_size}: other sizes need --data")
     if args.batch_size < 2:

@@ -7,12 +7,14 @@ import glob
 import json
 import math
 import os
+import re
 import runpy
 import signal
 import socket
 import subprocess
 import sys
 import time
+import types
 from contextlib import nullcontext
 from unittest import mock
 
@@ -278,6 +280,67 @@ def test_mask_sampler_never_hangs_on_4x4_and_rejects_impossible_configs():
         cjepa.check_masks_fit(7, argparse.Namespace(**(cjepa.DEMO | dict(min_keep=7))))
 
 
+def block_shapes_by_boxes(scale, aspect, H, W, closed):
+    """A reference: the (h, w) whose box of (X, Y) that round to it meets the region of (X, Y) =
+    (sqrt(s*H*W*a), sqrt(s*H*W/a)), by the separating axis theorem in (log X, log Y). Closed
+    boxes admit every tie of round() both ways (a superset), open ones none (a subset)."""
+    (a0, a1), (A0, A1) = aspect, (scale[0] * H * W, scale[1] * H * W)
+    x0, x1, y0, y1 = (A0 * a0) ** 0.5, (A1 * a1) ** 0.5, (A0 / a1) ** 0.5, (A1 / a0) ** 0.5
+    le = (lambda p, q: p <= q) if closed else (lambda p, q: p < q)
+    shapes = set()
+    for h in range(math.floor(x1 + 0.5) + 1):
+        for w in range(math.floor(y1 + 0.5) + 1):
+            hl, hh, wl, wh = max(h - 0.5, 1e-9), h + 0.5, max(w - 0.5, 1e-9), w + 0.5
+            if (le(hl, x1) and le(x0, hh) and le(wl, y1) and le(y0, wh) and le(hl * wl, A1)
+                    and le(A0, hh * wh) and le(hl / wh, a1) and le(a0, hh / wl)):
+                shapes.add((min(max(h, 1), H - 1), min(max(w, 1), W - 1)))
+    return shapes
+
+
+def checked_areas(grid, scale, aspect):
+    """The smallest and largest target block that check_masks_fit finds, from its message."""
+    cfg = argparse.Namespace(target_scale=scale, target_aspect=aspect, min_keep=10**9)
+    with pytest.raises(cjepa.CliError) as e:
+        cjepa.check_masks_fit(grid, cfg)
+    return tuple(int(n) for n in re.search(r"of (\d+)-(\d+) patches", str(e.value)).groups())
+
+
+def test_the_masks_check_finds_the_smallest_and_largest_block_exactly():
+    # grid 38, scale 0.05-0.1: an 8 x 8 block (64 patches) needs an aspect within 0.07% of 1
+    assert cjepa.block_shape(0.05, 1.0, 38, 38) == (8, 8)
+    assert checked_areas(38, (0.05, 0.1), (0.75, 1.5)) == (64, 156)
+    for grid in range(2, 40, 3):
+        for scale, aspect in (((0.15, 0.2), (0.75, 1.5)), ((0.05, 0.1), (0.5, 0.6)),
+                              ((0.01, 0.9), (0.2, 5.0)), ((0.85, 1.0), (1.0, 1.0))):
+            low, high = checked_areas(grid, scale, aspect)
+            for closed, sign in ((True, 1), (False, -1)):
+                areas = [h * w for h, w in block_shapes_by_boxes(scale, aspect, grid, grid, closed)]
+                assert sign * (low - min(areas)) >= 0 and sign * (max(areas) - high) >= 0
+
+
+@pytest.mark.parametrize("flags, words", [
+    (["--epochs", "0"], "--epochs 0: must be > 0"), (["--batch-size", "0"], "at least 2"),
+    (["--lr", "-1"], "--lr -1.0: must be > 0"), (["--lr", "nan"], "must be > 0"),
+    (["--start-lr", "-0.0001"], ">= 0"), (["--img-size", "0"], "--img-size 0: must be > 0"),
+    (["--wd", "0.04", "-0.1"], "--wd 0.04 -0.1: must be >= 0"), (["--vicreg", "-1"], ">= 0"),
+    (["--beta-cov", "-1"], ">= 0"), (["--probe-epochs", "-1"], ">= 0"),
+    (["--knn-images", "-5"], ">= 0"), (["--save-every", "-1"], ">= 0"),
+    (["--workers", "-1"], ">= 0"), (["--clip", "-1"], ">= 0"),
+    (["--ema", "1.5", "1.0"], "--ema 1.5 1.0: must be in [0, 1]"),
+    (["--target-scale", "0.2", "1.1"], "in [0, 1]"), (["--crop-scale", "-0.1", "1"], "in [0, 1]"),
+    (["--context-scale", "1.0", "0.85"], "the lower first"),
+    (["--target-aspect", "1.5", "0.75"], "the lower first"), (["--target-aspect", "0", "1"], "> 0"),
+    (["--warmup", "100"], "--warmup 100.0 is longer than the run's 6 epochs"),
+    (["--n-targets", "0"], ">= 1"), (["--min-keep", "0"], ">= 1"), (["--tries", "0"], ">= 1"),
+    (["--probe-blocks", "0"], ">= 1"), (["--probe-blocks", "9"], "vit_demo has 4 blocks"),
+])
+def test_every_bad_setting_is_a_one_line_error_before_anything_is_written(tmp_path, capsys,
+                                                                          flags, words):
+    out = tmp_path / "new_folder"
+    assert_one_line_error(*run_main([*flags, "--out", str(out)], capsys), words)
+    assert not out.exists()
+
+
 def test_blocks_are_whole_rectangles_at_every_position():
     blocks = cjepa.place_blocks(500, 3, 2, 7, 7, torch.Generator().manual_seed(0))
     for block in blocks:
@@ -531,6 +594,21 @@ def test_probe_rows_are_the_encoder_a_fresh_seeded_one_and_the_pixels(tmp_path, 
     assert json.load(open(tmp_path / "probe.json")) == results
 
 
+def test_the_probe_head_scores_with_its_running_statistics():
+    """The head's BatchNorm trains on batch statistics and scores with its running ones: a val set
+    of one image per class is scored (in training mode BatchNorm would refuse a batch of one) and
+    a val set shifted far from the train set scores as a fixed linear map of it would."""
+    gen = torch.Generator().manual_seed(0)
+    y = torch.arange(200) % 2
+    x = torch.randn(200, 8, generator=gen) + 3.0 * y[:, None]  # two separable classes
+    train = (x, y)
+    for i in (0, 1):
+        assert cjepa.train_linear_head(train, (x[i:i + 1], y[i:i + 1]), 5, "cpu") == 100.0
+    # shifted by +100: the running statistics map every val image to class 1
+    shifted = cjepa.train_linear_head(train, (x + 100.0, y), 5, "cpu")
+    assert shifted == pytest.approx(50.0)
+
+
 def test_knn_and_probe_sets_are_fixed_random_subsets_of_each_split(tmp_path):
     data = write_image_folder(str(tmp_path / "data"), n_per_class=20, splits=("train", "val"))
     args = tiny_args("--data", data)
@@ -643,6 +721,31 @@ def test_mixed_precision_step_matches_fp32(precision):
         assert stats[precision][key].dtype == torch.float32
         torch.testing.assert_close(stats[precision][key], stats["fp32"][key], rtol=2e-2, atol=1e-3)
     assert all(torch.isfinite(p).all() for p in run["encoder"].parameters())
+
+
+def test_fp16_gradscaler_steps_with_clipping_match_fp32():
+    """The fp16 path with values (CPU autocast in float16 and a CPU GradScaler): two steps with
+    gradient clipping at 0.05, so that clipping acts. The scaler must scale the loss, unscale the
+    gradients before clipping, step and update: AdamW's moments (the clipped gradients) and the
+    weights then follow the fp32 run within half-precision tolerance."""
+    args = tiny_args("--vicreg", "0.01", "--clip", "0.05")
+    ctx, tgt = sample_masks(8, 7, 7, torch.Generator().manual_seed(0), min_keep=4)
+    images, runs = torch.randn(8, 3, 28, 28), {}
+    for precision, autocast in (("fp32", nullcontext()),
+                                ("fp16", torch.autocast("cpu", dtype=torch.float16))):
+        args.precision = precision
+        torch.manual_seed(0)
+        runs[precision] = run = cjepa.build_run(args, torch.device("cpu"), autocast)
+        for _ in range(2):
+            cjepa.train_step(run, images, ctx, tgt, 1e-3, 0.04, 0.9, args)
+    assert runs["fp16"]["scaler"].is_enabled() and runs["fp16"]["scaler"].get_scale() > 1
+    for key in ("exp_avg", "exp_avg_sq"):
+        moments = [torch.cat([s[key].flatten() for s in runs[p]["opt"].state.values()])
+                   for p in ("fp32", "fp16")]
+        ratio = moments[1].norm() / moments[0].norm()
+        assert 0.9 < ratio < 1.1 and F.cosine_similarity(*moments, dim=0) > 0.98, (key, ratio)
+    for a, b in zip(runs["fp32"]["encoder"].parameters(), runs["fp16"]["encoder"].parameters()):
+        torch.testing.assert_close(a, b, rtol=0, atol=2e-3)
 
 
 # ----------------------------------------------------------- the CUDA path, without a GPU
@@ -831,6 +934,39 @@ def test_short_run_drops_the_loss_and_writes_a_run_folder(tmp_path, capsys, monk
     assert open(os.path.join(out, "checkpoint.pt"), "rb").read() == before
 
 
+def test_warmup_in_epochs_and_save_every_in_minutes_become_steps_and_seconds(tmp_path, capsys,
+                                                                            monkeypatch):
+    """--warmup counts epochs: 1.5 epochs of 3 steps are round(4.5) = 4 steps, of 6 in all; the
+    log's schedules at each epoch's last step (steps 2 and 5) follow. --save-every counts minutes:
+    on a clock that says 45 s have passed at every step, 0.5 minutes save within the epoch and 1
+    minute does not."""
+    data = write_image_folder(str(tmp_path / "data"))  # 24 images, batch 8: 3 steps an epoch
+    flags = ["--data", data, *TINY, "--warmup", "1.5", "--lr", "1e-3", "--start-lr", "1e-4",
+             "--final-lr", "1e-6", "--ema", "0.9", "1.0"]
+    assert run_main([*flags, "--out", str(tmp_path / "warm")], capsys)[0] == 0
+    log = [json.loads(line) for line in open(tmp_path / "warm" / "log.jsonl")]
+    assert log[0]["lr"] == pytest.approx(1e-4 + (1e-3 - 1e-4) * 2 / 4)  # step 2, warming up
+    assert log[1]["lr"] == pytest.approx((1e-3 + 1e-6) / 2)  # step 5: half of the cosine
+    assert [line["momentum"] for line in log] == pytest.approx([0.9 + 0.1 * 2 / 6, 0.9 + 0.1 * 5 / 6])
+    calls = []
+
+    def time_now():  # the run's start, then 45 s later (and a millisecond per call more)
+        calls.append(1)
+        return 0.0 if len(calls) == 1 else 45.0 + 1e-3 * len(calls)
+
+    saves, real_save = [], cjepa.save_checkpoint
+    monkeypatch.setattr(cjepa, "save_checkpoint",
+                        lambda run, log, args, epoch, step=0: (saves.append((epoch, step)),
+                                                               real_save(run, log, args, epoch, step)))
+    for minutes, expected in (("1", [(1, 0), (2, 0)]), ("0.5", [(0, 1), (1, 0), (2, 0)])):
+        saves.clear()
+        calls.clear()
+        monkeypatch.setattr(cjepa, "time", types.SimpleNamespace(time=time_now))
+        code, err = run_main([*flags, "--save-every", minutes, "--out",
+                              str(tmp_path / f"save{minutes}")], capsys)
+        assert code == 0 and saves == expected, (minutes, saves, err)
+
+
 def test_checkpoint_round_trip(tmp_path):
     torch.manual_seed(0)
     args = tiny_args()
@@ -927,10 +1063,10 @@ def test_the_same_command_continues_from_any_step_to_the_same_weights(tmp_path, 
     whole_log = [json.loads(line) for line in open(os.path.join(whole, "log.jsonl"))]
 
     # 1. SIGTERM during epoch 2, step 2: the step ends, the checkpoint is saved, exit 128 + 15;
-    # 2. SIGTERM during the last step of epoch 1: the epoch ends and saves, the next step stops
+    # 2. SIGTERM during the last step of epoch 1: the epoch ends, saves and stops
     # (the first with loader workers, which leave the signal to the training process)
     for n, where, saved, workers in ((5, "at epoch 2, step 2", (1, 2), "2"),
-                                     (3, "at epoch 2, step 1", (1, 1), "0")):
+                                     (3, "after epoch 1", (1, 0), "0")):
         stopped = str(tmp_path / f"stopped{n}")
         sigterm_at_call(n, monkeypatch)
         code, err = run_main([*flags, "--out", stopped, "--workers", workers], capsys)
@@ -945,7 +1081,7 @@ def test_the_same_command_continues_from_any_step_to_the_same_weights(tmp_path, 
         assert_same_run(load(whole), load(stopped))
         log = [json.loads(line) for line in open(os.path.join(stopped, "log.jsonl"))]
         assert [line["epoch"] for line in log] == [1, 2, 3]
-        assert log[1]["resumed_at_step"] == saved[1] and "resumed_at_step" not in log[2]
+        assert log[1].get("resumed_at_step", 0) == saved[1] and "resumed_at_step" not in log[2]
         for key in ("loss", "ijepa", "erank"):  # epochs 1 and 3 as in the uninterrupted run
             assert log[0][key] == whole_log[0][key] and log[2][key] == whole_log[2][key], key
 
@@ -965,6 +1101,59 @@ def test_the_same_command_continues_from_any_step_to_the_same_weights(tmp_path, 
     assert run_main([*flags, "--out", killed], capsys)[0] == 0
     assert_same_run(load(whole), load(killed))
     assert log_epochs(killed) == [1, 2, 3]
+
+
+PROBE_GETS_SIGTERM = """
+import os, signal, sys, cjepa
+def killed_head(*args, **kwargs):  # a SIGTERM during the probe: the default action ends it
+    os.kill(os.getpid(), signal.SIGTERM)
+cjepa.train_linear_head = killed_head
+cjepa.main(sys.argv[1:])
+"""
+
+
+def test_a_stop_signal_at_an_epochs_end_stops_there_and_the_probe_is_never_lost(tmp_path, capsys,
+                                                                                monkeypatch):
+    """SIGTERM during the last epoch's last step: the epoch saves, with no k-NN monitor and no
+    probe, and the run exits 128 + 15. The same command then runs only the probe; killed during
+    the probe, the same command probes again; a run with its probe says it is finished."""
+    data = write_image_folder(str(tmp_path / "data"), splits=("train", "val"))
+    out = str(tmp_path / "run")
+    flags = ["--data", data, *TINY, "--epochs", "2", "--knn-images", "8", "--probe-epochs", "1",
+             "--out", out]  # 24 images, batch 8: 3 steps an epoch
+    sigterm_at_call(6, monkeypatch)
+    code, err = run_main(flags, capsys)
+    monkeypatch.undo()
+    assert code == 128 + signal.SIGTERM and "stopped by SIGTERM after epoch 2" in err, err
+    ckpt = load(out)
+    assert (ckpt["epoch"], ckpt["step"]) == (2, 0)
+    assert "knn" in ckpt["log"][0] and "knn" not in ckpt["log"][1]  # no monitor after the signal
+    assert not os.path.exists(os.path.join(out, "probe.json"))
+    # killed during the probe (a subprocess: the default SIGTERM ends the process)
+    proc = subprocess.run([sys.executable, "-c", PROBE_GETS_SIGTERM, *flags], cwd=HERE,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == -signal.SIGTERM, proc.stderr[-2000:]
+    assert not os.path.exists(os.path.join(out, "probe.json"))
+    # the same command: the probe only, on the same weights
+    steps = torch.load(os.path.join(out, "checkpoint.pt"), weights_only=True)["opt"]["state"][0]
+    assert run_main(flags, capsys)[0] == 0
+    assert set(json.load(open(os.path.join(out, "probe.json")))) == {
+        "cjepa_target_encoder", "random_init_encoder", "raw_pixels"}
+    assert load(out)["opt"]["state"][0]["step"] == steps["step"]  # no step trained
+    capsys.readouterr()
+    assert run_main(flags)[0] == 0
+    assert "holds a finished run of 2 epochs" in capsys.readouterr().out
+
+
+def test_a_stop_signal_stops_a_run_of_one_step_an_epoch(tmp_path, capsys, monkeypatch):
+    """Every step is an epoch's last: a SIGTERM during the third stops the run after epoch 3."""
+    data = write_image_folder(str(tmp_path / "data"))  # 24 images
+    out = str(tmp_path / "run")
+    sigterm_at_call(3, monkeypatch)
+    code, err = run_main(["--data", data, *TINY, "--batch-size", "24", "--epochs", "300",
+                          "--out", out], capsys)
+    assert code == 128 + signal.SIGTERM and "after epoch 3;" in err, err
+    assert (load(out)["epoch"], load(out)["step"]) == (3, 0)
 
 
 def test_recipes_masks_fit_their_grids_and_help_shows_every_default(tmp_path, capsys):
