@@ -16,9 +16,7 @@ minutes (README.md has the details). Linear probe, top-1, mean of seeds 0, 1, 2:
     raw pixels                                  84.55%  (the pixels stay ahead)
 
 Pretraining: `python cjepa.py --data /imagenet --arch vit_b16`, or with torchrun on GPUs.
-Read it from the top: the settings, the method in its order (sections 1-5), then the machinery
-that runs it (6-12: data, devices and DDP, checkpoints, the loop, the probe, the benchmark, the
-command line).
+Read it from the top: the settings, the method (sections 1-5), then the machinery that runs it.
 """
 import argparse
 import copy
@@ -187,8 +185,7 @@ class Block(nn.Module):
         mlp = OrderedDict(fc1=nn.Linear(dim, 4 * dim), act=nn.GELU(), fc2=nn.Linear(4 * dim, dim))
         self.mlp = nn.Sequential(mlp)
 
-    def forward(self, x, only_last=None):
-        """only_last = n: compute the outputs of the last n tokens only (see Predictor)."""
+    def forward(self, x, only_last=None):  # only_last: as in Attention (see Predictor)
         attended = self.attn(self.norm1(x), only_last)
         if only_last is not None:
             x = x[:, -only_last:]  # the residual stream of those tokens
@@ -217,8 +214,7 @@ class VisionTransformer(nn.Module):
         self.grid = img_size // patch_size  # the image is a grid x grid array of patches
         proj = nn.Conv2d(3, width, patch_size, patch_size)  # one token per patch
         self.patch_embed = nn.Sequential(OrderedDict(proj=proj))
-        pos_embed = sincos_pos_embed(width, self.grid)[None]  # [1, N, D], fixed: not learned
-        self.register_buffer("pos_embed", pos_embed)
+        self.register_buffer("pos_embed", sincos_pos_embed(width, self.grid)[None])  # not learned
         self.blocks = nn.ModuleList(Block(width, heads) for _ in range(depth))
         self.norm = nn.LayerNorm(width, eps=1e-6)
         self.apply(init_weights)
@@ -227,9 +223,7 @@ class VisionTransformer(nn.Module):
         """images [B, 3, H, W], keep [B, K] patch indices -> tokens [B, K, D] (all N if no keep).
         The positions are added first, so the kept tokens know where they are."""
         x = self.patch_embed(images).flatten(2).transpose(1, 2) + self.pos_embed  # [B, N, D]
-        if keep is None:
-            return x
-        return gather_tokens(x, keep)
+        return x if keep is None else gather_tokens(x, keep)
 
     def forward(self, images, keep=None):
         x = self.embed(images, keep)
@@ -248,9 +242,7 @@ def make_encoder(args):
 # block with every target patch removed, so the targets can't be copied: they must be predicted
 # from their surroundings. Context and targets come from one view of the image: the masks are
 # the method's only "augmentation" (the data adds I-JEPA's random resized crop; the demo, flips).
-# One block size per batch, so that all target blocks have one length; positions are drawn per
-# image, and each context is cut to the batch's shortest, so that each mask is one tensor.
-#
+# One block size per batch, and each context cut to the batch's shortest: each mask is a tensor.
 # The context block asks for 85-100% of the image, but no block spans the grid (the official
 # sampler clips it too): on the demo's 7 x 7 grid it is always 6 x 6. With the targets removed
 # and the cut to the shortest, the contexts are small: in the demo they average about 8 of 49
@@ -263,9 +255,8 @@ def block_shape(scale, aspect, H, W):
 
 
 def draw_block_shape(scale, aspect, H, W, gen):
-    """A random (h, w) with scale and aspect ratio uniform in their ranges. They are drawn
-    independently; the official code uses one random number for both, which ties a block's
-    size to its shape."""
+    """A random (h, w), its scale and aspect ratio drawn independently, uniform in their ranges
+    (the official code uses one random number for both, which ties a block's size to its shape)."""
     s = scale[0] + torch.rand(1, generator=gen).item() * (scale[1] - scale[0])
     a = aspect[0] + torch.rand(1, generator=gen).item() * (aspect[1] - aspect[0])
     return block_shape(s, a, H, W)
@@ -282,21 +273,18 @@ def place_blocks(n, h, w, H, W, gen):
 
 
 def random_subset(mask, gen):
-    """mask [B, N] bool -> [B, K] indices, K = the smallest count in the batch: a random K of
-    each row's patches, in raster order. (The official code keeps the first K, which biases the
-    contexts towards the top of the image; a batch's target blocks have one size: none is cut.)"""
+    """mask [B, N] bool -> [B, K] indices, K = the smallest count in the batch: a random K of each
+    row's patches, in raster order (the official code keeps the first K: the topmost ones)."""
     k = int(mask.sum(dim=1).min())
     # Members get a random score, the others 2: sorting puts the members first, in random order
     score = torch.rand(mask.shape, generator=gen)
     score[~mask] = 2.0
-    chosen = score.argsort(dim=1)[:, :k]
-    return chosen.sort(dim=1).values
+    return score.argsort(dim=1)[:, :k].sort(dim=1).values
 
 
 def sample_masks(B, H, W, gen, cfg):
-    """The multi-block mask sampler, vectorised over the batch, for an H x W patch grid and the
-    mask settings of cfg. Returns context indices [B, Kc] and target indices [M, B, Kt].
-    Never hangs: each image gets cfg.tries candidate placements, then a defined fallback."""
+    """The multi-block masks of B images on an H x W patch grid, vectorised -> context indices
+    [B, Kc], target indices [M, B, Kt]. Never hangs: cfg.tries placements, then a fallback."""
     N, rows, M = H * W, torch.arange(B), cfg.n_targets
     th, tw = draw_block_shape(cfg.target_scale, cfg.target_aspect, H, W, gen)
     ch, cw = draw_block_shape(cfg.context_scale, (1.0, 1.0), H, W, gen)
@@ -344,8 +332,7 @@ class Predictor(nn.Module):
         nn.init.trunc_normal_(self.mask_token, std=0.02)
 
     def forward(self, z, ctx_idx, tgt_idx):
-        """z [B, Kc, D] context encoder output, ctx_idx [B, Kc], tgt_idx [M, B, Kt]
-        -> predictions [M, B, Kt, D]."""
+        """z [B, Kc, D] context tokens, ctx_idx [B, Kc], tgt_idx [M, B, Kt] -> [M, B, Kt, D]."""
         M, B, Kt = tgt_idx.shape
         pos = self.predictor_pos_embed[0]  # [N, Dp]
         x = self.predictor_embed(z) + pos[ctx_idx]  # [B, Kc, Dp]
@@ -386,8 +373,7 @@ def ema_update(target, online, m):
 def variance_covariance(c):
     """VICReg's variance and covariance terms of c [n, D], in fp32."""
     n, D = c.shape
-    autocast_device = "cuda" if c.is_cuda else "cpu"
-    with torch.autocast(autocast_device, enabled=False):  # autocast would run c.T @ c in bf16
+    with torch.autocast("cuda" if c.is_cuda else "cpu", enabled=False):  # c.T @ c in fp32, not bf16
         c = c.float() - c.float().mean(dim=0)
         std = torch.sqrt(c.var(dim=0) + 1e-4)
         l_std = F.relu(1 - std).mean()  # hinge: every feature should vary across the batch
@@ -403,9 +389,8 @@ def cjepa_loss(p, t, z, args):
     Returns the loss and its terms, detached, for the log."""
     # I-JEPA: smooth L1 (quadratic below 1, linear above), mean over blocks, patches, features
     l_ijepa = F.smooth_l1_loss(p, t)
-    # VICReg, as we read the paper, with fp32 statistics.
-    # Variance and covariance of the mean context feature of each image, over the global batch
-    # (under DDP, gather_batch collects every process's images: section 7):
+    # VICReg, as we read the paper, with fp32 statistics. Variance and covariance of the mean
+    # context feature of each image, over the global batch (under DDP, gather_batch: section 7):
     c = gather_batch(z.float().mean(dim=1))  # [B_global, D]: one mean feature per image
     l_std, l_cov = variance_covariance(c)  # scalars: against total and dimensional collapse
     # Invariance: the prediction must get the mean of each image's target patches right
@@ -424,8 +409,7 @@ def cosine(t, start, end):
 
 
 def schedules(step, total, warmup_steps, args):
-    """(learning rate, weight decay, EMA momentum) at this step of `total`: they change every
-    step, not every epoch."""
+    """(learning rate, weight decay, EMA momentum) at this step of `total`: set every step."""
     if step < warmup_steps:
         lr = args.start_lr + (args.lr - args.start_lr) * step / warmup_steps
     else:
@@ -437,14 +421,11 @@ def schedules(step, total, warmup_steps, args):
 
 
 def build_run(args, device, autocast):
-    """What a run trains, as one dict: the context encoder, the predictor, the target encoder
-    (a copy of the context encoder) and AdamW, whose biases and norms (every 1-D parameter) get
-    no weight decay; and the mixed precision: its autocast, and the GradScaler that fp16 needs
-    (in bf16 and fp32 the scaler does nothing)."""
+    """What a run trains, as one dict: the encoders, the predictor, AdamW (no weight decay on the
+    1-D parameters: biases and norms), the autocast and the GradScaler that fp16 needs."""
     width, _, heads, _ = ARCHS[args.arch]
     encoder = make_encoder(args).to(device)
-    grid = args.img_size // args.patch_size
-    predictor = Predictor(grid, width, args.pred_width, args.pred_depth, heads).to(device)
+    predictor = Predictor(encoder.grid, width, args.pred_width, args.pred_depth, heads).to(device)
     target_encoder = copy.deepcopy(encoder).requires_grad_(False)  # then only the EMA moves it
     params = list(encoder.parameters()) + list(predictor.parameters())
     weights = dict(params=[p for p in params if p.ndim >= 2], weight_decay=args.wd[0])
@@ -456,10 +437,8 @@ def build_run(args, device, autocast):
 
 
 def train_step(run, images, ctx_idx, tgt_idx, lr, wd, m, args):
-    """One whole C-JEPA step on a batch of images [B, 3, H, W] and its masks (one context block
-    [B, Kc] and M target blocks [M, B, Kt] per image, drawn by sample_masks), with this step's
-    learning rate, weight decay and EMA momentum. Returns the loss terms (for the log) and the
-    mean normalised target feature of each image [B, D] (for the collapse monitors)."""
+    """One C-JEPA step on images [B, 3, H, W], their masks, and this step's lr, weight decay and EMA
+    momentum -> (loss terms, each image's mean target feature [B, D] for the collapse monitors)."""
     encoder, predictor, target_encoder = run["encoder"], run["predictor"], run["target_encoder"]
     opt, scaler = run["opt"], run["scaler"]
     with run["autocast"]:  # the forward in bf16 or fp16 where the run uses them
@@ -472,9 +451,8 @@ def train_step(run, images, ctx_idx, tgt_idx, lr, wd, m, args):
         # Step 3. Loss
         loss, terms = cjepa_loss(p, t, z, args)
     check_finite(loss)  # a NaN loss stops the run before it reaches the weights (section 7)
-    # Step 4. Backward and AdamW step, at this step's learning rate and weight decay. In fp16 the
-    # GradScaler scales the loss up, so that small gradients do not round to 0, and unscales the
-    # gradients before clipping and the step (which it skips if they overflowed).
+    # Step 4. Backward and AdamW step. In fp16 the GradScaler scales the loss up, lest small
+    # gradients round to 0, and unscales them for clipping and the step (skipped on overflow).
     for group in opt.param_groups:
         group["lr"] = lr
     opt.param_groups[0]["weight_decay"] = wd  # the group of weights; biases and norms: 0
@@ -489,8 +467,7 @@ def train_step(run, images, ctx_idx, tgt_idx, lr, wd, m, args):
     ema_update(target_encoder, encoder, m)  # (a DDP wrapper has the same parameters)
     return terms, h.mean(dim=1).float()
 
-# That is all of C-JEPA. Everything below runs it: the data (which draws each batch's masks),
-# devices and DDP, checkpoints, the loop (this step's schedules), the probe and the benchmark.
+# That is all of C-JEPA. Below is what runs it (the data draws the masks, the loop the schedules).
 
 # 6. Data ======================================================================================
 class CliError(Exception):
@@ -499,8 +476,7 @@ class CliError(Exception):
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 # 10k train + 2k test Fashion-MNIST images, 28 x 28, 10 classes (README, "Data and licences")
-DEMO_DATA = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data",
-                         "fashion_mnist_12k.npz")
+DEMO_DATA = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data/fashion_mnist_12k.npz")
 DEMO_MEAN, DEMO_STD = 0.2867, 0.3540  # of the demo set's pixels, in 0..1
 
 
@@ -536,10 +512,8 @@ def make_dataset(args, split, augment):
     """augment: RandomResizedCrop (the demo set: flips), else a resize and a center crop."""
     if args.data is None:
         return DemoImages("train" if split == "train" else "test", augment)
-    if augment:
-        crop = [T.RandomResizedCrop(args.img_size, scale=tuple(args.crop_scale))]
-    else:
-        crop = [T.Resize(args.img_size * 256 // 224), T.CenterCrop(args.img_size)]
+    crop = ([T.RandomResizedCrop(args.img_size, scale=tuple(args.crop_scale))] if augment
+            else [T.Resize(args.img_size * 256 // 224), T.CenterCrop(args.img_size)])
     normalize = [T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)]
     root = os.path.join(args.data, split)  # missing or empty: FileNotFoundError, one line in main
     dataset = datasets.ImageFolder(root, T.Compose(crop + normalize), loader=load_image)
@@ -566,7 +540,8 @@ class EpochBatches(torch.utils.data.Dataset):
         self.dataset, self.args, self.rank, self.world = dataset, args, rank, world
         self.per_rank = len(dataset) // (args.batch_size * world)  # whole global batches only
         if self.per_rank == 0:
-            raise CliError(f"{len(dataset)} images: fewer than one global batch; lower --batch-size")
+            raise CliError(f"{len(dataset)} images, fewer than one global batch: lower "
+                           "--batch-size")
 
     def __len__(self):
         return self.per_rank
@@ -640,7 +615,6 @@ def rank_mean(x):  # x itself in a single process
 
 
 class GatherBatch(torch.autograd.Function):  # [B, D] per rank -> [world*B, D], with gradients
-
     @staticmethod
     def forward(ctx, x):
         parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
@@ -667,19 +641,16 @@ def unwrap(model):
 def compile_blocks(run):
     """In place: names and checkpoints stay. dynamic: the masks' lengths change every batch."""
     for key in ("encoder", "predictor", "target_encoder"):
-        for module in run[key].modules():
-            if isinstance(module, Block):
-                module.compile(dynamic=True)
+        for block in [m for m in run[key].modules() if isinstance(m, Block)]:
+            block.compile(dynamic=True)
 
 
 # 8. Checkpoints ===============================================================================
 def save_checkpoint(run, log, args, epoch, step=0):  # after `epoch` epochs, `step` batches
     """Atomic: a crash leaves the old checkpoint or the new one, never a broken one."""
-    ckpt = dict(encoder=unwrap(run["encoder"]).state_dict(),
-                predictor=unwrap(run["predictor"]).state_dict(),
-                target_encoder=run["target_encoder"].state_dict(),
-                opt=run["opt"].state_dict(), scaler=run["scaler"].state_dict(),
-                epoch=epoch, step=step, args=vars(args), log=log)
+    ckpt = {k: unwrap(run[k]).state_dict() for k in ("encoder", "predictor", "target_encoder")}
+    ckpt.update(opt=run["opt"].state_dict(), scaler=run["scaler"].state_dict(), epoch=epoch,
+                step=step, args=vars(args), log=log)
     path = os.path.join(args.out, "checkpoint.pt")
     os.makedirs(args.out, exist_ok=True)
     with open(path + ".tmp", "wb") as f:
@@ -720,8 +691,7 @@ def resume(run, path):
 
 
 def load_encoders(path, arch=None, img_size=224):
-    """-> (target encoder, context encoder, settings) of our checkpoint, or of an official I-JEPA
-    one ('module.' keys, no 'args'), whose arch and img_size the caller names."""
+    """-> (target encoder, context encoder, settings) of our or an official I-JEPA checkpoint."""
     ckpt = read_checkpoint(path)
     if not isinstance(ckpt, dict) or not all(isinstance(ckpt.get(k), dict)
                                              for k in ("encoder", "target_encoder")):
@@ -865,7 +835,7 @@ def pretrain(args, rank, world, device, autocast):
                 tqdm.write(" ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
                                     for k, v in line.items()))
             run["last_save"] = time.time()
-            stop_if_signalled(f"after epoch {epoch + 1}", rank, device)  # at its last step, or since
+            stop_if_signalled(f"after epoch {epoch + 1}", rank, device)  # its last step's, or later
     finally:  # from here on (the probe), a signal ends the run at once: the same command probes
         for signum, handler in previous.items():
             signal.signal(signum, handler)
@@ -876,8 +846,7 @@ def pretrain(args, rank, world, device, autocast):
 
 # 10. Linear probe and k-NN monitor ===========================================================
 def probe_features(encoder, images, n_blocks):
-    """-> [B, n_blocks * D]: the mean patch token of each of the last n_blocks blocks (after the
-    final norm), concatenated. There is no class token to probe."""
+    """-> [B, n_blocks * D]: the last n_blocks blocks' mean patch tokens (after the final norm)."""
     x = encoder.embed(images)
     means = []
     for i, block in enumerate(encoder.blocks):
@@ -900,18 +869,16 @@ def eval_sets(args, n=None):
 
 @torch.no_grad()
 def extract_features(encoder, dataset, args, device, autocast):
-    """-> (features, labels), in host memory, not the GPU's: the encoder's probe features, or
-    with no encoder the raw pixels (one channel of the demo's grey images)."""
+    """-> (features, labels), in host memory: the encoder's probe features, or the raw pixels."""
     loader = torch.utils.data.DataLoader(dataset, batch_size=256, num_workers=args.workers)
     feats, labels = [], []
     for images, y in tqdm(loader, desc="features", leave=False, dynamic_ncols=True):
         images = images.to(device, non_blocking=True)
-        if encoder is None:  # the demo's images are grey: one channel
-            feats.append((images[:, :1] if args.data is None else images).flatten(1).cpu())
-        else:
+        x = images[:, :1] if args.data is None else images  # the demo's images are grey
+        if encoder is not None:
             with autocast:
                 x = probe_features(encoder.eval(), images, args.probe_blocks)
-            feats.append(x.float().cpu())
+        feats.append(x.float().flatten(1).cpu())
         labels.append(y)
     return torch.cat(feats), torch.cat(labels)
 
@@ -952,9 +919,8 @@ def knn_accuracy(train, val, k=20, temperature=0.07):
 
 
 def run_probe(target_encoder, args, device, autocast, probe_only=False):
-    """Linear probe of the frozen target encoder, beside the same probe on a random-init encoder
-    and on the raw pixels (where they fit in 1 GB). Writes the table to OUT/probe.json, or with
-    --probe-only to probe_<data>.json beside the checkpoint (the run's own probe stays)."""
+    """Linear probe of the frozen target encoder, of a random-init one and of the raw pixels (if
+    they fit in 1 GB) -> OUT/probe.json; --probe-only: probe_<data>.json beside the checkpoint."""
     if not has_val(args):
         raise CliError(f"--data {args.data} has no val/ folder to probe on")
     train_set, val_set = eval_sets(args)
@@ -984,14 +950,12 @@ def run_probe(target_encoder, args, device, autocast, probe_only=False):
 
 
 # 11. Benchmark ================================================================================
-# For MFU: dense bf16 / fp16 tensor-core peaks of SXM parts, from NVIDIA's data sheets (H100 PCIe
-# and NVL, H200 NVL have lower peaks: their MFU reads low here).
+# For MFU: dense bf16 / fp16 peaks of SXM parts, from NVIDIA's data sheets (PCIe and NVL: lower).
 GPU_PEAKS = {"H100": 989e12, "H200": 989e12, "B200": 2250e12, "A100": 312e12}
 
 
 def benchmark(args, device, autocast):
-    """Steps on random images, over several batches of masks (their contexts' lengths differ):
-    for each, a warm-up step (or the compile), a step counted for its FLOPs, then timed steps."""
+    """Steps on random images, per batch of masks (lengths differ): warm-up, FLOP count, timing."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
     from torch.utils.flop_counter import FlopCounterMode
     cuda, grid, B = device.type == "cuda", args.img_size // args.patch_size, args.batch_size
@@ -1008,7 +972,7 @@ def benchmark(args, device, autocast):
     flops, seconds, memory = 0.0, 0.0, 0.0  # per step; peak GPU MiB
     for _ in tqdm(range(n_masks), desc="batches of masks", leave=False, dynamic_ncols=True):
         ctx_idx, tgt_idx = (x.to(device) for x in sample_masks(B, grid, grid, gen, args))
-        # (the compile, if any, happens here: torch.compile does not compile under a FLOP counter)
+        # Warm-up (and the compile, if any: torch.compile does not compile under a FLOP counter)
         train_step(run, images, ctx_idx, tgt_idx, args.lr, args.wd[0], args.ema[0], args)
         # torch's FLOP counter knows the GPU's fused attention kernels but not the CPU's (it would
         # count them as zero): on a CPU, count the plain attention, which does the same products.
@@ -1050,8 +1014,7 @@ def parse_args(argv=None):
     for name, value in PRETRAIN.items():
         kind = dict(type=float, nargs=2) if isinstance(value, tuple) else dict(type=type(value))
         kind = dict(type=int) if name == "patch_size" else kind
-        defaults = [" ".join(map(str, recipe[name])) if isinstance(value, tuple)
-                    else str(recipe[name]) for recipe in (DEMO, PRETRAIN, SMALL)]
+        defaults = [" ".join(map(str, np.atleast_1d(r[name]))) for r in (DEMO, PRETRAIN, SMALL)]
         p.add_argument("--" + name.replace("_", "-"), help=f"({' | '.join(defaults)})",
                        choices=ARCHS if name == "arch" else None, **kind)
     p.add_argument("--probe-only", metavar="CKPT", help="probe a checkpoint (official I-JEPA: "
@@ -1067,14 +1030,13 @@ def parse_args(argv=None):
 
 def with_defaults(args):
     """Every setting not given, from its recipe."""
-    if args.recipe == "small" and args.data is None:
-        raise CliError("--recipe small is for your own images: give --data DIR")
+    recipe = DEMO if args.data is None and not args.benchmark else PRETRAIN
     if args.recipe == "small":
+        if args.data is None:
+            raise CliError("--recipe small is for your own images: give --data DIR")
         recipe = SMALL
     elif args.benchmark and not torch.cuda.is_available():
         recipe = PRETRAIN | dict(batch_size=32)  # a CPU: minutes, not hours
-    else:
-        recipe = DEMO if args.data is None and not args.benchmark else PRETRAIN
     for key, value in recipe.items():
         if getattr(args, key) is None:
             setattr(args, key, value)

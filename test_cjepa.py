@@ -947,7 +947,8 @@ def test_warmup_in_epochs_and_save_every_in_minutes_become_steps_and_seconds(tmp
     log = [json.loads(line) for line in open(tmp_path / "warm" / "log.jsonl")]
     assert log[0]["lr"] == pytest.approx(1e-4 + (1e-3 - 1e-4) * 2 / 4)  # step 2, warming up
     assert log[1]["lr"] == pytest.approx((1e-3 + 1e-6) / 2)  # step 5: half of the cosine
-    assert [line["momentum"] for line in log] == pytest.approx([0.9 + 0.1 * 2 / 6, 0.9 + 0.1 * 5 / 6])
+    momenta = [0.9 + 0.1 * 2 / 6, 0.9 + 0.1 * 5 / 6]
+    assert [line["momentum"] for line in log] == pytest.approx(momenta)
     calls = []
 
     def time_now():  # the run's start, then 45 s later (and a millisecond per call more)
@@ -955,9 +956,12 @@ def test_warmup_in_epochs_and_save_every_in_minutes_become_steps_and_seconds(tmp
         return 0.0 if len(calls) == 1 else 45.0 + 1e-3 * len(calls)
 
     saves, real_save = [], cjepa.save_checkpoint
-    monkeypatch.setattr(cjepa, "save_checkpoint",
-                        lambda run, log, args, epoch, step=0: (saves.append((epoch, step)),
-                                                               real_save(run, log, args, epoch, step)))
+
+    def save(run, log, args, epoch, step=0):
+        saves.append((epoch, step))
+        real_save(run, log, args, epoch, step)
+
+    monkeypatch.setattr(cjepa, "save_checkpoint", save)
     for minutes, expected in (("1", [(1, 0), (2, 0)]), ("0.5", [(0, 1), (1, 0), (2, 0)])):
         saves.clear()
         calls.clear()
@@ -1868,6 +1872,42 @@ def test_curves_plot_runs_grouped_by_their_settings(tmp_path, capsys):
     assert png_size(png)[0] > 600
     code, out, err = run_visualize(["--curves", str(data)], capsys)
     assert code == 2 and "not a run folder" in err and err.count("\n") == 1, err
+
+
+def test_curves_of_runs_of_different_lengths_draw_the_probes_against_the_epochs(tmp_path, capsys):
+    """The paper's Figure 1 from run folders: C-JEPA's probe after 1 and 2 epochs (2 seeds at 1),
+    I-JEPA's after 1, and the random-init encoder and raw pixels as flat lines at their means over
+    the seeds. (Each probe.json is written here, with numbers that tell the runs apart.)"""
+    data, first = write_image_folder(str(tmp_path / "data")), str(tmp_path / "first")
+    assert run_main(["--data", data, "--out", first, *TINY, "--epochs", "1"], capsys)[0] == 0
+    runs = {}
+    for i, (epochs, vicreg, seed) in enumerate(((1, 0.01, 0), (1, 0.01, 1), (2, 0.01, 0),
+                                                (1, 0.0, 0))):
+        out = tmp_path / f"e{epochs}_v{vicreg}_s{seed}"  # the first run, as if with these flags
+        out.mkdir()
+        ckpt = load(first)
+        ckpt["args"].update(epochs=epochs, vicreg=vicreg, seed=seed, out=str(out))
+        torch.save(ckpt, out / "checkpoint.pt")
+        (out / "log.jsonl").write_text(open(os.path.join(first, "log.jsonl")).read())
+        runs[str(out)] = dict(cjepa_target_encoder=60.0 + 5 * i, random_init_encoder=40.0 + seed,
+                              raw_pixels=80.0)
+        (out / "probe.json").write_text(json.dumps(runs[str(out)]))
+    fig = visualize.plot_runs(list(runs))
+    (ax,) = fig.axes
+    lines = {line.get_label(): line.get_xydata() for line in ax.get_lines()}
+    np.testing.assert_allclose(lines["C-JEPA (beta_vicreg 0.01)"], [[1, 62.5], [2, 70.0]])
+    np.testing.assert_allclose(lines["I-JEPA (beta_vicreg 0)"], [[1, 75.0]])
+    band = ax.collections[0].get_paths()[0].vertices[:, 1]  # C-JEPA: the seeds' range at 1 epoch
+    assert (min(band), max(band)) == (60.0, 70.0)
+    for label, mean in (("random init encoder (2 seeds)", 40.5), ("raw pixels (2 seeds)", 80.0)):
+        assert set(lines[label][:, 1]) == {mean}, lines
+    assert ax.get_xscale() == "log" and ax.get_xlabel() == "pretraining epochs"
+    png = str(tmp_path / "figure1.png")
+    code, out, err = run_visualize(["--curves", *runs, "--out", png], capsys)
+    assert code == 0 and out.strip() == png and png_size(png)[0] > 400, err
+    os.remove(os.path.join(list(runs)[2], "probe.json"))
+    code, out, err = run_visualize(["--curves", *runs], capsys)
+    assert code == 2 and "no probe.json" in err and err.count("\n") == 1, err
 
 
 def test_script_entry_point(tmp_path, monkeypatch, capsys):

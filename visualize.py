@@ -1,25 +1,19 @@
 r"""
 visualize.py: where a C-JEPA checkpoint's encoders look (target beside context); runs' curves.
 
-One row per image: the image, then the last block's attention in the target encoder and in the
-context encoder, as in the C-JEPA paper's figures. The ViT has no class token, so a map shows the
-attention that each patch *receives*: the attention weights averaged over the queries (and over the
-heads, unless --heads), upsampled to the image. Colour is in units of "uniform": 1 means the patch
-gets 1/N of the attention, as if every patch were attended alike; 2 means twice that.
+One row per image: the image, then the last block's attention in the target and in the context
+encoder, as in the C-JEPA paper's figures. With no class token, a map shows the attention that
+each patch *receives*: the attention weights averaged over the queries (and the heads, unless
+--heads), upsampled to the image, in units of "uniform": 1 means the patch gets 1/N of the
+attention, as if every patch were attended alike; 2 means twice that.
 
-With --compare OTHER_CKPT, another run's target encoder comes first (the C-JEPA paper's Figures 3-5:
-image | I-JEPA target encoder | C-JEPA target encoder | C-JEPA context encoder). With --curves
-RUN ..., it plots runs' per-epoch loss, k-NN monitor and effective rank instead (runs that differ
-only in their seed are drawn as their mean and a min-max band).
-
-Usage:
     python visualize.py runs/demo/checkpoint.pt                 # 4 demo-set images, a photograph
     python visualize.py runs/demo/checkpoint.pt --masks --heads  # + a sampled mask, every head
     python visualize.py ckpt.pt photos/ cat.jpg --out cat.png    # your own images
     python visualize.py IN1K-vit.h.14-300e.pth.tar --arch vit_h14
-    python visualize.py runs/demo/checkpoint.pt --compare runs/ijepa/checkpoint.pt
-    python visualize.py --curves runs/demo                       # a run's curves
-    python visualize.py --curves runs/cjepa_s0 runs/cjepa_s1 runs/ijepa_s0 --out curves.png
+    python visualize.py runs/demo/checkpoint.pt --compare runs/ijepa/checkpoint.pt  # Figures 3-5
+    python visualize.py --curves runs/demo runs/ijepa       # loss, k-NN and rank per epoch
+    python visualize.py --curves runs/e6 runs/e12 runs/e25  # runs of other lengths: Figure 1
 """
 import argparse
 import json
@@ -57,11 +51,8 @@ def load_encoders(path, arch=None, img_size=224):
 def demo_images(n=4):
     """n test images of different classes from the demo set, and matplotlib's sample photograph."""
     data = cjepa.DemoImages("test", augment=False)
-    first = {}  # class -> index of its first image
-    for i, y in enumerate(data.y.tolist()):
-        first.setdefault(y, i)
-        if len(first) == n:
-            break
+    labels = data.y.tolist()
+    first = {y: labels.index(y) for y in list(dict.fromkeys(labels))[:n]}  # the first n classes
     images = [(f"{FASHION[y]} (test #{i})", Image.fromarray(data.x[i].numpy()))
               for y, i in first.items()]
     with cbook.get_sample_data("grace_hopper.jpg") as f:
@@ -99,7 +90,7 @@ def prepare(image, cfg):
 @torch.no_grad()
 def last_block_attention(encoder, x):
     """x [B, 3, H, W] -> [B, heads, N, N]: the last block's attention weights,
-    softmax(q k^T / sqrt(d)), spelled out (the model's fused attention never forms them)."""
+    softmax(q k^T / sqrt(d)), spelled out (the model's fused attention need not form them)."""
     tokens = encoder.embed(x)
     for block in encoder.blocks[:-1]:
         tokens = block(tokens)
@@ -113,8 +104,7 @@ def last_block_attention(encoder, x):
 @torch.no_grad()
 def received_attention(encoder, x, per_head=False, mode="nearest"):
     """x [B, 3, H, W] -> [B, heads or 1, H, W]: the attention each patch receives in the last block,
-    averaged over the queries (and the heads), in units of uniform (x N), upsampled from the patch
-    grid to the image."""
+    averaged over the queries (and the heads), x N (uniform = 1), upsampled to the image."""
     attn = last_block_attention(encoder, x)  # [B, heads, N queries, N keys]; rows sum to 1
     received = attn.mean(dim=2)  # [B, heads, N]: each key's column, averaged over the queries
     if not per_head:
@@ -199,56 +189,66 @@ def columns(target, context, cfg, args):
 
 
 # ---- --curves: runs' log.jsonl, one point per epoch ----------------------------------------------
-def read_run(folder):  # -> (its settings, its log lines)
+def read_run(folder):  # -> (its settings, its log lines, its probe table or None)
     log_path, ckpt_path = os.path.join(folder, "log.jsonl"), os.path.join(folder, "checkpoint.pt")
     if not os.path.exists(log_path) or not os.path.exists(ckpt_path):
-        raise CliError(f"--curves {folder}: not a run folder (it needs log.jsonl and "
-                       "checkpoint.pt)")
+        raise CliError(f"--curves {folder}: not a run folder (no log.jsonl and checkpoint.pt)")
+    probe_path = os.path.join(folder, "probe.json")
+    probe = json.load(open(probe_path)) if os.path.exists(probe_path) else None
     with open(log_path) as f:
-        return cjepa.read_checkpoint(ckpt_path)["args"], [json.loads(line) for line in f]
+        return cjepa.read_checkpoint(ckpt_path)["args"], [json.loads(line) for line in f], probe
 
 
 def run_label(settings, varying):
     """C-JEPA or I-JEPA, with beta_vicreg and the other settings that differ between the runs."""
     label = ("I-JEPA (beta_vicreg 0)" if not settings["vicreg"]
              else f"C-JEPA (beta_vicreg {settings['vicreg']})")
-    extra = [f"{k} {settings[k]}" for k in varying if k != "vicreg"]
+    extra = [f"{k} {settings[k]}" for k in varying if k not in ("vicreg", "epochs")]
     return label + (", " + ", ".join(extra) if extra else "")
 
 
 def plot_runs(folders):
-    """The loss, the k-NN monitor and the effective rank per epoch; runs that differ only in their
-    seed (and run folder) are one line, their mean, and a band from min to max."""
+    """Per epoch, the loss, k-NN monitor and effective rank; for runs of different lengths, the
+    paper's Figure 1: probes against epochs. Runs alike but for the seed: mean and min-max band."""
     runs = [read_run(folder) for folder in folders]
     varying = [k for k in runs[0][0] if k not in ("seed", "out")
-               and len({json.dumps(settings.get(k)) for settings, _ in runs}) > 1]
-    groups = {}
-    for settings, log in runs:
-        groups.setdefault(run_label(settings, varying), []).append(log)
-    panels = {"loss": "training loss", "knn": "k-NN top-1 % (target encoder)",
-              "erank": "effective rank of the target features"}
-    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4), layout="constrained")
-    for ax, (key, title) in zip(axes, panels.items()):
-        for i, (label, logs) in enumerate(groups.items()):
-            epochs = sorted(set.intersection(*({line["epoch"] for line in log if key in line}
-                                               for log in logs)))
-            if not epochs:  # e.g. no k-NN monitor (--knn-images 0, or no val/)
-                continue
-            values = torch.tensor([[next(line[key] for line in log if line["epoch"] == e)
-                                    for e in epochs] for log in logs])  # [runs, epochs]
-            seeds = f" ({len(logs)} seeds)" if len(logs) > 1 else ""
-            ax.plot(epochs, values.mean(dim=0), marker=".", color=f"C{i}", label=label + seeds)
-            ax.fill_between(epochs, values.min(dim=0).values, values.max(dim=0).values,
+               and len({json.dumps(settings.get(k)) for settings, _, _ in runs}) > 1]
+    figure_1 = "epochs" in varying
+    panels = ({"probe": "linear probe top-1 % (target encoder)"} if figure_1 else
+              {"loss": "training loss", "knn": "k-NN top-1 % (target encoder)",
+               "erank": "effective rank of the target features"})
+    groups = {}  # label -> one {panel: {epoch: value}} per run
+    for folder, (settings, log, probe) in zip(folders, runs):
+        if figure_1 and probe is None:
+            raise CliError(f"--curves {folder}: no probe.json: its run's command probes it")
+        if figure_1:  # one point: the probe after the run's last epoch
+            log = [dict(epoch=settings["epochs"], probe=probe["cjepa_target_encoder"])]
+        groups.setdefault(run_label(settings, varying), []).append(
+            {key: {line["epoch"]: line[key] for line in log if key in line} for key in panels})
+    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels) + 1.5 * figure_1, 4),
+                             squeeze=False, layout="constrained")
+    for ax, (key, title) in zip(axes[0], panels.items()):
+        for i, (label, group) in enumerate(groups.items()):
+            xs = sorted(set().union(*(points[key] for points in group)))  # epochs
+            values = [[points[key][x] for points in group if x in points[key]] for x in xs]
+            seeds = f" ({len(group)} seeds)" if len(group) > 1 and not figure_1 else ""
+            ax.plot(xs, [sum(v) / len(v) for v in values], marker=".", color=f"C{i}",
+                    label=label + seeds)
+            ax.fill_between(xs, [min(v) for v in values], [max(v) for v in values],
                             color=f"C{i}", alpha=0.2)
-        ax.set(title=title, xlabel="epoch")
-    axes[0].legend(fontsize=8)
+        ax.set(title=title, xlabel="pretraining epochs" if figure_1 else "epoch")
+    for i, key in enumerate(("random_init_encoder", "raw_pixels") if figure_1 else ()):
+        by_seed = {settings["seed"]: probe[key] for settings, _, probe in runs if key in probe}
+        ax.axhline(sum(by_seed.values()) / max(1, len(by_seed)), color=f"C{len(groups) + i}",
+                   linestyle="--", label=f"{key.replace('_', ' ')} ({len(by_seed)} seeds)")
+        ax.set(xscale="log", xticks=xs, xticklabels=xs)
+    axes[0, 0].legend(fontsize=8)
     return fig
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(prog="visualize.py",
-                                description="Attention maps of a C-JEPA or I-JEPA checkpoint: "
-                                "the target encoder beside the context encoder; or runs' curves.")
+    p = argparse.ArgumentParser(prog="visualize.py", description="Attention maps of a C-JEPA or "
+                                "I-JEPA checkpoint's target and context encoders; or runs' curves.")
     p.add_argument("checkpoint", nargs="?", help="ours, or an official I-JEPA one (with --arch)")
     p.add_argument("images", nargs="*",
                    help="image files or folders (default: 4 demo-set images and a photograph)")
@@ -256,8 +256,8 @@ def parse_args(argv=None):
     p.add_argument("--img-size", type=int, default=224, help="official I-JEPA checkpoints only")
     p.add_argument("--compare", metavar="CKPT", help="another run's checkpoint: its target "
                    "encoder's maps come first, as in the paper's figures")
-    p.add_argument("--curves", nargs="+", metavar="RUN", help="instead of maps: plot these run "
-                   "folders' loss, k-NN accuracy and effective rank per epoch")
+    p.add_argument("--curves", nargs="+", metavar="RUN", help="instead of maps: these run "
+                   "folders' loss, k-NN and rank per epoch; runs of other lengths: their probes")
     p.add_argument("--heads", action="store_true", help="one panel per head, not their mean")
     p.add_argument("--masks", action="store_true", help="add a column: one sampled mask")
     p.add_argument("--interp", choices=("nearest", "bilinear"), default="nearest")
