@@ -943,12 +943,6 @@ def test_warmup_in_epochs_and_save_every_in_minutes_become_steps_and_seconds(tmp
     data = write_image_folder(str(tmp_path / "data"))  # 24 images, batch 8: 3 steps an epoch
     flags = ["--data", data, *TINY, "--warmup", "1.5", "--lr", "1e-3", "--start-lr", "1e-4",
              "--final-lr", "1e-6", "--ema", "0.9", "1.0"]
-    assert run_main([*flags, "--out", str(tmp_path / "warm")], capsys)[0] == 0
-    log = [json.loads(line) for line in open(tmp_path / "warm" / "log.jsonl")]
-    assert log[0]["lr"] == pytest.approx(1e-4 + (1e-3 - 1e-4) * 2 / 4)  # step 2, warming up
-    assert log[1]["lr"] == pytest.approx((1e-3 + 1e-6) / 2)  # step 5: half of the cosine
-    momenta = [0.9 + 0.1 * 2 / 6, 0.9 + 0.1 * 5 / 6]
-    assert [line["momentum"] for line in log] == pytest.approx(momenta)
     calls = []
 
     def time_now():  # the run's start, then 45 s later (and a millisecond per call more)
@@ -969,6 +963,11 @@ def test_warmup_in_epochs_and_save_every_in_minutes_become_steps_and_seconds(tmp
         code, err = run_main([*flags, "--save-every", minutes, "--out",
                               str(tmp_path / f"save{minutes}")], capsys)
         assert code == 0 and saves == expected, (minutes, saves, err)
+    log = [json.loads(line) for line in open(tmp_path / "save1" / "log.jsonl")]
+    assert log[0]["lr"] == pytest.approx(1e-4 + (1e-3 - 1e-4) * 2 / 4)  # step 2, warming up
+    assert log[1]["lr"] == pytest.approx((1e-3 + 1e-6) / 2)  # step 5: half of the cosine
+    momenta = [0.9 + 0.1 * 2 / 6, 0.9 + 0.1 * 5 / 6]
+    assert [line["momentum"] for line in log] == pytest.approx(momenta)
 
 
 def test_checkpoint_round_trip(tmp_path):
