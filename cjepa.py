@@ -40,7 +40,7 @@ from tqdm import tqdm
 
 # The settings ==================================================================================
 # Each is a flag (--batch-size sets batch_size). With --data: the published C-JEPA ViT-B/16
-# settings (I-JEPA's, with C-JEPA's schedule, epochs and beta_vicreg); ours from clip on.
+# settings (I-JEPA's, with C-JEPA's schedule, epochs and beta_vicreg); ours: tries, clip on.
 PRETRAIN = dict(
     arch="vit_b16",  # the encoder: a preset of ARCHS (section 1)
     patch_size=None,  # None: the preset's patch size
@@ -80,7 +80,7 @@ PRETRAIN = dict(
 DEMO = PRETRAIN | dict(
     arch="vit_demo",  # width 128, depth 4, patch 4: 0.8M parameters
     img_size=28,  # the demo set's images
-    epochs=6,  # 936 steps: 2 to 4 minutes on 2 CPU cores, the probe included
+    epochs=6,  # 936 steps: 3 to 7 minutes on 2 CPU cores (README), the probe included
     batch_size=64,  # 156 steps an epoch on the 10,000 images
     warmup=0.3,  # epochs: 47 steps, 5% of the run
     wd=(0.04, 0.04),  # held at the published start value
@@ -105,15 +105,15 @@ SMALL = DEMO | dict(
     out="runs/small",  # its run folder
 )
 
-# What each setting must be; check_args turns any other value into a one-line error.
+# What each of these settings must be; check_args turns any other value into a one-line error.
 LIMITS = [
     ("> 0", lambda v: v > 0, "img_size patch_size epochs lr pred_width pred_depth"),
     (">= 0", lambda v: v >= 0, "start_lr final_lr warmup vicreg beta_sim beta_std beta_cov clip "
                                "probe_epochs knn_images workers save_every"),
     (">= 1", lambda v: v >= 1, "n_targets min_keep tries probe_blocks"),
     (">= 0", lambda v: min(v) >= 0, "wd"),
-    ("in [0, 1]", lambda v: min(v) >= 0 and max(v) <= 1, "ema"),
-    ("in [0, 1], the lower first", lambda v: 0 <= v[0] <= v[1] <= 1,
+    ("in [0, 1], the lower first", lambda v: 0 <= v[0] <= v[1] <= 1, "ema"),
+    ("in (0, 1], the lower first", lambda v: 0 < v[0] <= v[1] <= 1,
      "crop_scale target_scale context_scale"),
     ("> 0, the lower first", lambda v: 0 < v[0] <= v[1], "target_aspect"),
 ]
@@ -686,7 +686,8 @@ def resume(run, path):
     for group in ckpt["opt"]["param_groups"]:  # fused AdamW (CUDA) or not: this machine's choice
         group["fused"] = run["opt"].defaults["fused"]
     run["opt"].load_state_dict(ckpt["opt"])
-    run["scaler"].load_state_dict(ckpt["scaler"])
+    if ckpt["scaler"]:  # (empty: saved without fp16; a run that turns to fp16 starts a scaler)
+        run["scaler"].load_state_dict(ckpt["scaler"])
     return ckpt["epoch"], ckpt["step"], ckpt["log"]
 
 
@@ -730,9 +731,8 @@ def ignore_stop_signals(worker_id):  # loader workers leave them to the training
 
 
 def stop_if_signalled(where, rank, device):
-    """After a save: where any rank had a stop signal, every rank exits with 128 + the signal.
-    (The reduction waits for rank 0, so no rank exits, which makes torchrun stop the rest, before
-    rank 0 has saved.)"""
+    """After a save: where any rank had a stop signal, every rank exits with 128 + the signal (the
+    reduction waits for rank 0's save: torchrun stops the rest when one rank exits)."""
     signum = all_ranks_max([STOP["signum"]], device)[0]
     if not signum:
         return
@@ -771,7 +771,7 @@ def train_epoch(run, batches, epoch, first_step, log, args, rank, device):
             sums = sums + torch.stack(list(terms.values()))
             if sum(len(p) for p in pooled) < 2048:  # the collapse monitors' images
                 pooled.append(target_means)
-            if i % 10 == 0:  # (.item() waits for the device)
+            if i % 10 == 0:
                 bar.set_postfix(loss=f"{terms['loss'].item():.4f}", lr=f"{lr:.1e}")
             # After the same step on every rank: a stop signal, or a timed save (--save-every).
             # (At an epoch's last step, the epoch's end saves, and stops: see pretrain.)
@@ -870,7 +870,8 @@ def eval_sets(args, n=None):
 @torch.no_grad()
 def extract_features(encoder, dataset, args, device, autocast):
     """-> (features, labels), in host memory: the encoder's probe features, or the raw pixels."""
-    loader = torch.utils.data.DataLoader(dataset, batch_size=256, num_workers=args.workers)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=256, num_workers=args.workers,
+                                         worker_init_fn=ignore_stop_signals)  # (the k-NN monitor)
     feats, labels = [], []
     for images, y in tqdm(loader, desc="features", leave=False, dynamic_ncols=True):
         images = images.to(device, non_blocking=True)
@@ -1040,7 +1041,7 @@ def with_defaults(args):
     for key, value in recipe.items():
         if getattr(args, key) is None:
             setattr(args, key, value)
-    args.patch_size = args.patch_size or ARCHS[args.arch][3]
+    args.patch_size = ARCHS[args.arch][3] if args.patch_size is None else args.patch_size
     if args.img_size is None:  # --recipe small: the first image's size, in whole patches
         side = min(datasets.ImageFolder(os.path.join(args.data, "train"))[0][0].size)
         args.img_size = side - side % args.patch_size
@@ -1071,9 +1072,9 @@ def check_args(args):
     for words, ok, names in LIMITS:
         for name in names.split():
             value = getattr(args, name)
-            if not ok(value):
+            if not (ok(value) and np.isfinite(value).all()):
                 shown = " ".join(map(str, np.atleast_1d(value)))
-                raise CliError(f"--{name.replace('_', '-')} {shown}: must be {words}")
+                raise CliError(f"--{name.replace('_', '-')} {shown}: must be finite and {words}")
     if args.warmup > args.epochs:
         raise CliError(f"--warmup {args.warmup} is longer than the run's {args.epochs} epochs: "
                        "lower it, or raise --epochs")

@@ -319,17 +319,20 @@ def test_the_masks_check_finds_the_smallest_and_largest_block_exactly():
 
 
 @pytest.mark.parametrize("flags, words", [
-    (["--epochs", "0"], "--epochs 0: must be > 0"), (["--batch-size", "0"], "at least 2"),
-    (["--lr", "-1"], "--lr -1.0: must be > 0"), (["--lr", "nan"], "must be > 0"),
-    (["--start-lr", "-0.0001"], ">= 0"), (["--img-size", "0"], "--img-size 0: must be > 0"),
-    (["--wd", "0.04", "-0.1"], "--wd 0.04 -0.1: must be >= 0"), (["--vicreg", "-1"], ">= 0"),
+    (["--epochs", "0"], "--epochs 0: must be finite and > 0"), (["--batch-size", "0"], "at least 2"),
+    (["--lr", "-1"], "--lr -1.0: must be finite and > 0"), (["--lr", "nan"], "must be finite"),
+    (["--start-lr", "-0.0001"], ">= 0"), (["--img-size", "0"], "--img-size 0: must be finite and > 0"),
+    (["--wd", "0.04", "-0.1"], "--wd 0.04 -0.1: must be finite and >= 0"), (["--vicreg", "-1"], ">= 0"),
     (["--beta-cov", "-1"], ">= 0"), (["--probe-epochs", "-1"], ">= 0"),
     (["--knn-images", "-5"], ">= 0"), (["--save-every", "-1"], ">= 0"),
     (["--workers", "-1"], ">= 0"), (["--clip", "-1"], ">= 0"),
-    (["--ema", "1.5", "1.0"], "--ema 1.5 1.0: must be in [0, 1]"),
-    (["--target-scale", "0.2", "1.1"], "in [0, 1]"), (["--crop-scale", "-0.1", "1"], "in [0, 1]"),
+    (["--ema", "1.5", "1.0"], "--ema 1.5 1.0: must be finite and in [0, 1]"),
+    (["--target-scale", "0.2", "1.1"], "in (0, 1]"), (["--crop-scale", "-0.1", "1"], "in (0, 1]"),
     (["--context-scale", "1.0", "0.85"], "the lower first"),
     (["--target-aspect", "1.5", "0.75"], "the lower first"), (["--target-aspect", "0", "1"], "> 0"),
+    (["--lr", "inf"], "must be finite"), (["--target-aspect", "0.5", "inf"], "must be finite"),
+    (["--target-scale", "0", "0.2"], "in (0, 1]"), (["--ema", "0.9", "0.5"], "the lower first"),
+    (["--patch-size", "0"], "--patch-size 0: must be finite and > 0"),
     (["--warmup", "100"], "--warmup 100.0 is longer than the run's 6 epochs"),
     (["--n-targets", "0"], ">= 1"), (["--min-keep", "0"], ">= 1"), (["--tries", "0"], ">= 1"),
     (["--probe-blocks", "0"], ">= 1"), (["--probe-blocks", "9"], "vit_demo has 4 blocks"),
@@ -1898,9 +1901,10 @@ def test_curves_of_runs_of_different_lengths_draw_the_probes_against_the_epochs(
     np.testing.assert_allclose(lines["I-JEPA (beta_vicreg 0)"], [[1, 75.0]])
     band = ax.collections[0].get_paths()[0].vertices[:, 1]  # C-JEPA: the seeds' range at 1 epoch
     assert (min(band), max(band)) == (60.0, 70.0)
-    for label, mean in (("random init encoder (2 seeds)", 40.5), ("raw pixels (2 seeds)", 80.0)):
-        assert set(lines[label][:, 1]) == {mean}, lines
+    for key, mean in (("random init encoder", 40.5), ("raw pixels", 80.0)):  # seeds 0 and 1
+        assert set(lines[f"{key} (the mean over the seeds)"][:, 1]) == {mean}, lines
     assert ax.get_xscale() == "log" and ax.get_xlabel() == "pretraining epochs"
+    assert list(ax.get_xticks()) == [1, 2]  # every run's epochs (I-JEPA's group has only 1)
     png = str(tmp_path / "figure1.png")
     code, out, err = run_visualize(["--curves", *runs, "--out", png], capsys)
     assert code == 0 and out.strip() == png and png_size(png)[0] > 400, err

@@ -10,7 +10,6 @@ attention, as if every patch were attended alike; 2 means twice that.
     python visualize.py runs/demo/checkpoint.pt                 # 4 demo-set images, a photograph
     python visualize.py runs/demo/checkpoint.pt --masks --heads  # + a sampled mask, every head
     python visualize.py ckpt.pt photos/ cat.jpg --out cat.png    # your own images
-    python visualize.py IN1K-vit.h.14-300e.pth.tar --arch vit_h14
     python visualize.py runs/demo/checkpoint.pt --compare runs/ijepa/checkpoint.pt  # Figures 3-5
     python visualize.py --curves runs/demo runs/ijepa       # loss, k-NN and rank per epoch
     python visualize.py --curves runs/e6 runs/e12 runs/e25  # runs of other lengths: Figure 1
@@ -240,8 +239,9 @@ def plot_runs(folders):
     for i, key in enumerate(("random_init_encoder", "raw_pixels") if figure_1 else ()):
         by_seed = {settings["seed"]: probe[key] for settings, _, probe in runs if key in probe}
         ax.axhline(sum(by_seed.values()) / max(1, len(by_seed)), color=f"C{len(groups) + i}",
-                   linestyle="--", label=f"{key.replace('_', ' ')} ({len(by_seed)} seeds)")
-        ax.set(xscale="log", xticks=xs, xticklabels=xs)
+                   linestyle="--", label=f"{key.replace('_', ' ')} (the mean over the seeds)")
+        epochs = sorted({settings["epochs"] for settings, _, _ in runs})
+        ax.set(xscale="log", xticks=epochs, xticklabels=epochs)
     axes[0, 0].legend(fontsize=8)
     return fig
 
