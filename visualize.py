@@ -2,10 +2,9 @@ r"""
 visualize.py: where a C-JEPA checkpoint's encoders look (target beside context); runs' curves.
 
 One row per image: the image, then the last block's attention in the target and in the context
-encoder, as in the C-JEPA paper's figures. With no class token, a map shows the attention that
-each patch *receives*: the attention weights averaged over the queries (and the heads, unless
---heads), upsampled to the image, in units of "uniform": 1 means the patch gets 1/N of the
-attention, as if every patch were attended alike; 2 means twice that.
+encoder, as in the C-JEPA paper's figures. With no class token, a map shows the attention each
+patch *receives*, averaged over the queries (and the heads, unless --heads), upsampled to the
+image, in units of "uniform" (1: 1/N of the attention, as if every patch were attended alike).
 
     python visualize.py runs/demo/checkpoint.pt                 # 4 demo-set images, a photograph
     python visualize.py runs/demo/checkpoint.pt --masks --heads  # + a sampled mask, every head
@@ -242,6 +241,7 @@ def plot_runs(folders):
                    linestyle="--", label=f"{key.replace('_', ' ')} (the mean over the seeds)")
         epochs = sorted({settings["epochs"] for settings, _, _ in runs})
         ax.set(xscale="log", xticks=epochs, xticklabels=epochs)
+        ax.minorticks_off()  # the runs' epochs are the ticks
     axes[0, 0].legend(fontsize=8)
     return fig
 
