@@ -973,6 +973,37 @@ def test_warmup_in_epochs_and_save_every_in_minutes_become_steps_and_seconds(tmp
     assert [line["momentum"] for line in log] == pytest.approx(momenta)
 
 
+class SigtermOnFirstItem(torch.utils.data.Dataset):
+    """4 images; reading the first sends SIGTERM to the reading process (a loader worker)."""
+
+    def __len__(self):
+        return 4
+
+    def __getitem__(self, i):
+        if i == 0:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return torch.zeros(3, 28, 28), 0
+
+
+def test_the_monitors_loader_workers_leave_a_stop_signal_to_the_training_process():
+    """torchrun sends SIGTERM to the whole process group: a loader worker of the k-NN monitor that
+    gets it must live on (the training process stops after the epoch's save)."""
+    args = tiny_args("--workers", "1", "--probe-blocks", "1")
+    encoder = cjepa.make_encoder(args)
+    feats, labels = cjepa.extract_features(encoder, SigtermOnFirstItem(), args, "cpu", nullcontext())
+    assert feats.shape == (4, 128) and labels.tolist() == [0] * 4
+
+
+def test_a_run_continues_in_fp16_from_a_checkpoint_saved_without_it(tmp_path):
+    """fp32 and bf16 save an empty GradScaler state; fp16 then starts a scaler of its own."""
+    args = tiny_args("--out", str(tmp_path))
+    cjepa.save_checkpoint(cjepa.build_run(args, torch.device("cpu"), nullcontext()), [], args, 1)
+    args.precision = "fp16"
+    run = cjepa.build_run(args, torch.device("cpu"), nullcontext())
+    assert cjepa.resume(run, str(tmp_path / "checkpoint.pt"))[0] == 1
+    assert run["scaler"].is_enabled() and run["scaler"].get_scale() == 2.0 ** 16
+
+
 def test_checkpoint_round_trip(tmp_path):
     torch.manual_seed(0)
     args = tiny_args()
