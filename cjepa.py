@@ -40,7 +40,7 @@ from tqdm import tqdm
 
 # The settings ==================================================================================
 # Each is a flag (--batch-size sets batch_size). With --data: the published C-JEPA ViT-B/16
-# settings (I-JEPA's, with C-JEPA's schedule, epochs and beta_vicreg); ours: tries, clip on.
+# settings (I-JEPA's, with C-JEPA's schedule, epochs and beta_vicreg); ours: tries, clip onward.
 PRETRAIN = dict(
     arch="vit_b16",  # the encoder: a preset of ARCHS (section 1)
     patch_size=None,  # None: the preset's patch size
@@ -835,7 +835,7 @@ def pretrain(args, rank, world, device, autocast):
                 tqdm.write(" ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
                                     for k, v in line.items()))
             run["last_save"] = time.time()
-            stop_if_signalled(f"after epoch {epoch + 1}", rank, device)  # its last step's, or later
+            stop_if_signalled(f"after epoch {epoch + 1}", rank, device)  # at its last step or since
     finally:  # from here on (the probe), a signal ends the run at once: the same command probes
         for signum, handler in previous.items():
             signal.signal(signum, handler)
@@ -871,7 +871,7 @@ def eval_sets(args, n=None):
 def extract_features(encoder, dataset, args, device, autocast):
     """-> (features, labels), in host memory: the encoder's probe features, or the raw pixels."""
     loader = torch.utils.data.DataLoader(dataset, batch_size=256, num_workers=args.workers,
-                                         worker_init_fn=ignore_stop_signals)  # (the k-NN monitor)
+                                         worker_init_fn=ignore_stop_signals)  # (k-NN: in training)
     feats, labels = [], []
     for images, y in tqdm(loader, desc="features", leave=False, dynamic_ncols=True):
         images = images.to(device, non_blocking=True)
@@ -1053,7 +1053,7 @@ def check_masks_fit(grid, cfg):
     largest leaves as many outside it (the sampler's fallback puts all M blocks on one spot).
     A block never shrinks as its scale grows: the extremes are at the two ends of target_scale.
     There, its (h, w) changes only at the aspects where h or w passes a half-integer: the areas
-    at those aspects and at one between each two are all the areas the sampler can draw."""
+    at those aspects and at one between each two hold the smallest and the largest block."""
     (a0, a1), areas = cfg.target_aspect, []
     for s in cfg.target_scale:
         n = s * grid * grid

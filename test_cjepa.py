@@ -338,7 +338,11 @@ def test_the_masks_check_finds_the_smallest_and_largest_block_exactly():
     (["--probe-blocks", "0"], ">= 1"), (["--probe-blocks", "9"], "vit_demo has 4 blocks"),
 ])
 def test_every_bad_setting_is_a_one_line_error_before_anything_is_written(tmp_path, capsys,
-                                                                          flags, words):
+                                                                          monkeypatch, flags, words):
+    def pretrain(*args):
+        raise AssertionError(f"{flags} reached the training")
+
+    monkeypatch.setattr(cjepa, "pretrain", pretrain)
     out = tmp_path / "new_folder"
     assert_one_line_error(*run_main([*flags, "--out", str(out)], capsys), words)
     assert not out.exists()
