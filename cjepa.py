@@ -1,7 +1,7 @@
 """
 cjepa.py: C-JEPA (Mo and Tong, NeurIPS 2024) in one readable file.
 
-C-JEPA is I-JEPA plus VICReg. A context encoder sees one large block of an image; a narrow
+C-JEPA is I-JEPA plus VICReg. A context encoder sees one block of an image, not the rest; a narrow
 predictor, told only *where* the hidden target blocks are, predicts what an EMA "target encoder"
 says about them. VICReg's variance and covariance terms keep the features from collapsing, and
 its invariance term makes the predictions right on average.
@@ -533,8 +533,8 @@ def seed_of(*keys):
 
 
 class EpochBatches(torch.utils.data.Dataset):
-    """Item b is batch b of an epoch on this rank: images, labels and masks, drawn in the loader's
-    workers (as the official collate function does) from (seed, epoch, rank, b) alone."""
+    """Item b is batch b of an epoch on this rank: images, labels and masks, drawn by the loader (in
+    its workers, if any: as the official collate function) from (seed, epoch, rank, b) alone."""
 
     def __init__(self, dataset, args, rank, world):
         self.dataset, self.args, self.rank, self.world = dataset, args, rank, world
@@ -753,7 +753,7 @@ def collapse_monitors(pooled):
 
 
 def train_epoch(run, batches, epoch, first_step, log, args, rank, device):
-    """One pass over the data, from first_step: the steps, saves and stops. -> its log line."""
+    """One pass over the data, from first_step -> (its log line, a stop signal at its last step)."""
     iters, world, t0 = len(batches), batches.world, time.time()
     batches.set_epoch(epoch)
     batch_iter = iter(torch.utils.data.DataLoader(

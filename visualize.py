@@ -50,7 +50,7 @@ def demo_images(n=4):
     """n test images of different classes from the demo set, and matplotlib's sample photograph."""
     data = cjepa.DemoImages("test", augment=False)
     labels = data.y.tolist()
-    first = {y: labels.index(y) for y in list(dict.fromkeys(labels))[:n]}  # the first n classes
+    first = {y: labels.index(y) for y in list(dict.fromkeys(labels))[:n]}  # the first n to appear
     images = [(f"{FASHION[y]} (test #{i})", Image.fromarray(data.x[i].numpy()))
               for y, i in first.items()]
     with cbook.get_sample_data("grace_hopper.jpg") as f:
