@@ -774,10 +774,9 @@ def train_epoch(run, batches, epoch, first_step, log, args, rank, device):
             if i % 10 == 0:
                 bar.set_postfix(loss=f"{terms['loss'].item():.4f}", lr=f"{lr:.1e}")
             # After the same step on every rank: a stop signal, or a timed save (--save-every).
-            # (At an epoch's last step, the epoch's end saves, and stops: see pretrain.)
             due = args.save_every > 0 and time.time() - run["last_save"] >= 60 * args.save_every
             signum, save_due = all_ranks_max([STOP["signum"], int(due)], device)
-            if (signum or save_due) and i + 1 < iters:
+            if (signum or save_due) and i + 1 < iters:  # (the last step's: in pretrain)
                 if rank == 0:
                     save_checkpoint(run, log, args, epoch, step=i + 1)
                 run["last_save"] = time.time()
